@@ -1,0 +1,121 @@
+"""Score a checkpoint on the test set under its contract and every wrong variant.
+
+    python -m cifar_transfer.evaluate checkpoints/efficientnet_lite0-cifar10 \\
+        --data-dir ../shared/datasets/cifar10-jpeg [--write]
+
+Prints the accuracy table; ``--write`` stores it in the checkpoint's
+``metrics.json`` (atomically) and regenerates the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts, variant_title
+
+
+@torch.no_grad()
+def predict_logits(model, split, *, contract=None, device=None, batch_size: int = 256, tta_flip: bool = False,
+                   progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Logits for every image of ``split`` under ``contract`` (default: the model's own)."""
+    from tqdm.auto import tqdm
+
+    device = device or model.device
+    model.eval()
+    transform = (contract or model.contract).transform().to(device)
+    channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last) and next(model.parameters()).ndim == 4
+    out = []
+    for i in tqdm(range(0, len(split), batch_size), desc=desc, disable=not progress, leave=False):
+        x = transform(split.images[i:i + batch_size].to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits = model(x).float().softmax(1)
+        if tta_flip:
+            logits = (logits + model(x.flip(3)).float().softmax(1)) / 2
+        out.append(logits.cpu())
+    return torch.cat(out)
+
+
+def evaluate_variants(model, split, *, keys=None, device=None, batch_size: int = 256, tta_flip: bool = False,
+                      progress: bool = False) -> dict[str, float]:
+    """``{"correct": acc, <variant>: acc, ...}`` as fractions in [0, 1]."""
+    keys = [k for k in (keys or [CORRECT_KEY, *WRONG_VARIANTS]) if k != CORRECT_KEY]
+    results = {}
+    for key, contract in variant_contracts(model.contract, keys).items():
+        probs = predict_logits(model, split, contract=contract, device=device, batch_size=batch_size,
+                               tta_flip=tta_flip, progress=progress, desc=key)
+        results[key] = round((probs.argmax(1) == split.labels).float().mean().item(), 6)
+    return results
+
+
+def format_table(accuracies: dict[str, float], reference: dict[str, float] | None = None) -> str:
+    lines = [f"{'variant':<22} {'title':<48} {'accuracy':>9}" + ("  metrics.json" if reference else "")]
+    for key, acc in accuracies.items():
+        row = f"{key:<22} {variant_title(key):<48} {100 * acc:>8.2f}%"
+        if reference and key in reference:
+            row += f"  {100 * reference[key]:>10.2f}%"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cifar_transfer.evaluate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint folder (or Hugging Face Hub repo id)")
+    p.add_argument("--data-dir", metavar="DIR", help="local data (train/ + test/ class folders, or cifar-10-batches-py); default: torchvision download")
+    p.add_argument("--variants", nargs="*", metavar="KEY", choices=list(WRONG_VARIANTS),
+                   help="wrong variants to score (default: all)")
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
+                   help="average each image with its mirror (default: as the checkpoint was evaluated)")
+    p.add_argument("--max-test-per-class", type=int, help="score only the first N test images of each class")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--write", action="store_true", help="store the accuracies in the checkpoint's metrics.json and refresh its model card")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pathlib import Path
+
+    from .card import write_model_card
+    from .data import DataError, load_dataset
+    from .model import METRICS_NAME, CheckpointError, atomic_write_json, read_metrics
+    from .hub import resolve_checkpoint
+    from .runtime import pick_device
+
+    args = get_args_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        folder, model, note = resolve_checkpoint(args.checkpoint)
+        print(note)
+        metrics = read_metrics(folder) or {}
+        tta = metrics.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
+        ds = load_dataset(args.data_dir, max_test_per_class=args.max_test_per_class)
+    except (CheckpointError, DataError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if ds.classes != model.class_names:
+        raise SystemExit(f"error: the dataset's classes {ds.classes} differ from the checkpoint's {model.class_names}")
+    device = pick_device(args.device)
+    model.to(device)
+    keys = [CORRECT_KEY, *(args.variants if args.variants is not None else WRONG_VARIANTS)]
+    t0 = time.perf_counter()
+    acc = evaluate_variants(model, ds.test, keys=keys, device=device, batch_size=args.batch_size, tta_flip=tta, progress=True)
+    seconds = time.perf_counter() - t0
+    print(f"{ds.name}, {len(ds.test)} test images, tta_flip={tta}, {seconds:.0f}s on {device}")
+    print(format_table(acc, metrics.get("accuracy")))
+    if args.write:
+        if not Path(folder).is_dir() or str(folder) != str(Path(args.checkpoint)):
+            raise SystemExit("error: --write needs a local checkpoint folder")
+        metrics.update({"accuracy": acc, "test_size": len(ds.test), "dataset": ds.name, "data_source": ds.source, "tta_flip": tta})
+        atomic_write_json(Path(folder) / METRICS_NAME, metrics)
+        write_model_card(Path(folder))
+        print(f"wrote {Path(folder) / METRICS_NAME}")
+
+
+if __name__ == "__main__":
+    main()
