@@ -2,7 +2,7 @@
 
 Hub downloads go through the Hugging Face cache. Offline (``HF_HUB_OFFLINE=1``)
 or with the Hub unreachable, the cache is used, then the embedded local copy,
-and the returned note says which was used.
+and the returned note says which was used, and why.
 """
 
 from __future__ import annotations
@@ -10,10 +10,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .model import CheckpointError, CifarTransferModel, load_checkpoint
+from .model import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, CifarTransferModel, load_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CHECKPOINT_FILES = ["model.safetensors", "config.json", "metrics.json", "README.md"]
+CHECKPOINT_FILES = [WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CARD_NAME]
+
+
+class HubUnavailable(RuntimeError):
+    """Neither the Hub nor the Hugging Face cache could provide the checkpoint; the message says why."""
 
 
 def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Path | None = None
@@ -22,18 +26,74 @@ def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Pa
     path = Path(ref).expanduser()
     if path.exists() or not REPO_ID.match(ref):
         return path, load_checkpoint(path), f"loaded local checkpoint {path}"
-    from huggingface_hub import snapshot_download
-
-    errors = []
-    for local_only, how in ((False, "downloaded from the Hugging Face Hub"), (True, "loaded from the Hugging Face cache")):
-        try:
-            folder = Path(snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES, local_files_only=local_only))
-            return folder, load_checkpoint(folder), f"{how}: {ref}" + (f"@{revision}" if revision else "")
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - offline, unreachable, not found, no cache
-            errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0])
+    label = ref + (f"@{revision}" if revision else "")
+    try:
+        folder, how = _from_hub(ref, revision)
+        return folder, load_checkpoint(folder), f"{how}: {label} (commit {folder.name[:8]})"
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - not found, no cache, incomplete cache: all end in the fallback
+        reason = describe_hub_error(exc)
     if fallback is not None and Path(fallback).exists():
         folder = Path(fallback)
-        return folder, load_checkpoint(folder), f"the Hub was not usable for {ref} ({errors[0]}); using the local copy {folder}"
-    raise CheckpointError(f"cannot load {ref!r} from the Hugging Face Hub or its cache: {'; '.join(errors)}")
+        return folder, load_checkpoint(folder), f"could not load {label} from the Hub or its cache ({reason}); using the local copy {folder}"
+    raise CheckpointError(f"cannot load {label} from the Hugging Face Hub or its cache: {reason}")
+
+
+def _from_hub(ref: str, revision: str | None) -> tuple[Path, str]:
+    """Download (online) or look up (offline, unreachable) the snapshot; say which."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.is_offline_mode():
+        why = "offline mode, HF_HUB_OFFLINE=1"
+    else:
+        try:
+            HfApi().repo_info(ref, revision=revision)
+        except (RepositoryNotFoundError, RevisionNotFoundError):
+            raise  # the Hub answered: a wrong name is not a reason to use a stale cache
+        except Exception as exc:  # noqa: BLE001 - unreachable, timeout, server error
+            why = describe_hub_error(exc)
+        else:
+            folder = snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES)
+            return Path(folder), "downloaded from the Hugging Face Hub"
+    try:
+        folder = snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - not cached, or cached only in part
+        raise HubUnavailable(f"{why}, and {describe_hub_error(exc)}") from exc
+    return Path(folder), f"loaded from the Hugging Face cache ({why})"
+
+
+def describe_hub_error(exc: BaseException) -> str:
+    """One line saying what went wrong talking to the Hub (never includes credentials)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    if isinstance(exc, HubUnavailable):
+        return str(exc)
+    if isinstance(exc, OfflineModeIsEnabled):
+        return "offline mode, HF_HUB_OFFLINE=1"
+    if isinstance(exc, RepositoryNotFoundError):
+        return "the repository does not exist, or is private and the token cannot read it"
+    if isinstance(exc, RevisionNotFoundError):
+        return "the repository has no such revision"
+    if isinstance(exc, LocalEntryNotFoundError):
+        return "it is not (completely) in the Hugging Face cache"
+    if isinstance(exc, HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "?"
+        return f"HTTP {status} from {constants.ENDPOINT}: {exc.server_message or str(exc).strip().splitlines()[0]}"
+    if _is_connection_error(exc):
+        return f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    kinds: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    try:
+        import httpx2  # the HTTP client huggingface_hub 2 uses
+
+        kinds += (httpx2.TransportError,)
+    except ImportError:
+        pass
+    return isinstance(exc, kinds)

@@ -1,0 +1,271 @@
+"""Publish to the Hub and load back, end to end with the real huggingface_hub client
+against a loopback Hub (tests/hub_server.py) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cifar_transfer.hub import resolve_checkpoint
+from cifar_transfer.model import CheckpointError, CifarTransferModel, load_checkpoint, save_checkpoint
+from cifar_transfer.publish import PublishError, publish, publish_checkpoint
+from tests.hub_server import LoopbackHub
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "hf_LoopbackAliceSecret0123456789"  # alice's write token on the loopback Hub
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "metrics.json")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = CifarTransferModel.from_backbone("efficientnet_lite0", input_size=32, pretrained=False)
+    m.train()
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        m.classify(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8))
+    return m.eval()
+
+
+@pytest.fixture
+def checkpoint(tmp_path, model):
+    metrics = {"dataset": "CIFAR-10 (JPEG copy)", "test_size": 40, "accuracy": {"correct": 0.625, "bgr": 0.375},
+               "command": "python -m cifar_transfer.train --max-test-per-class 4", "train_wall_seconds": 12.5}
+    folder = save_checkpoint(model, tmp_path / "ck", metrics)
+    (folder / "train_state.pt").write_bytes(b"optimizer state that must never be uploaded")
+    return folder
+
+
+@pytest.fixture
+def hub():
+    server = LoopbackHub({TOKEN: "alice", "hf_BobToken": "bob"}).start()
+    yield server
+    server.stop()
+
+
+def _point_client_at(monkeypatch, endpoint: str, home: Path, token: str | None = TOKEN) -> dict:
+    """Point huggingface_hub at ``endpoint`` with an empty cache, in this process (constants are read at import,
+    so they are patched) and in subprocesses (environment). Returns the subprocess environment."""
+    from huggingface_hub import constants
+
+    env = {"HF_ENDPOINT": endpoint, "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    else:
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name, value in {"ENDPOINT": endpoint, "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+                        "HF_HUB_CACHE": str(home / "hub"), "HF_HUB_DISABLE_XET": True, "HF_HUB_OFFLINE": False,
+                        "HF_TOKEN_PATH": str(home / "token"), "HF_STORED_TOKENS_PATH": str(home / "stored_tokens")}.items():
+        monkeypatch.setattr(constants, name, value)
+    for name, value in vars(constants).items():  # every other file the client keeps under HF_HOME
+        if isinstance(value, str) and value.startswith(constants.HF_HOME + os.sep):
+            monkeypatch.setattr(constants, name, str(home) + value[len(constants.HF_HOME):])
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture
+def client(hub, tmp_path, monkeypatch) -> dict:
+    return _point_client_at(monkeypatch, hub.endpoint, tmp_path / "hf_home")
+
+
+def run_cli(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cifar_transfer.publish", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def outputs(m: CifarTransferModel) -> torch.Tensor:
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return m.classify(pixels)
+
+
+# -- publish, then load back -------------------------------------------------------------
+
+
+def test_cli_publishes_one_commit_and_loads_back_identical(hub, client, checkpoint, model):
+    from huggingface_hub import ModelCard
+
+    done = run_cli(client, str(checkpoint), "--repo-id", "alice/cifar-demo", "--commit-message", "first model")
+    assert done.returncode == 0, done.stderr
+    assert "alice/cifar-demo" in done.stdout
+    assert TOKEN not in done.stdout + done.stderr
+
+    repo = hub.repos["alice/cifar-demo"]
+    assert len(repo.commits) == 2  # the Hub's initial .gitattributes commit, then ours: one commit for everything
+    files = hub.files("alice/cifar-demo")
+    assert set(files) == {".gitattributes", *CHECKPOINT_FILES, "README.md"}  # never train_state.pt
+    assert files["model.safetensors"].lfs  # weights went through LFS to the storage origin ...
+    assert not any(r["authorization"] for r in hub.requests if r["origin"] == "storage")  # ... which never saw the token
+
+    folder, loaded, note = resolve_checkpoint("alice/cifar-demo")
+    assert "downloaded from the Hugging Face Hub" in note
+    assert str(folder).startswith(str(client["HF_HUB_CACHE"]))
+    for name in CHECKPOINT_FILES:
+        assert (folder / name).read_bytes() == (checkpoint / name).read_bytes() == hub.file_bytes("alice/cifar-demo", name)
+    assert torch.equal(outputs(loaded), outputs(model))
+    assert torch.equal(outputs(CifarTransferModel.from_pretrained("alice/cifar-demo")), outputs(model))
+
+    card = ModelCard.load(folder / "README.md")  # the card's YAML parses and carries metrics.json's accuracy
+    metrics = json.loads((checkpoint / "metrics.json").read_text())
+    assert card.data.eval_results[0].metric_value == metrics["accuracy"]["correct"]
+    assert card.data.pipeline_tag == "image-classification"
+    assert 'from_pretrained("alice/cifar-demo")' in card.text
+
+
+def test_revision_branch_and_republish(hub, client, checkpoint, model, tmp_path):
+    first = publish_checkpoint(checkpoint, "alice/cifar-demo")
+    assert first["created"]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        list(other.parameters())[-1].add_(0.5)  # the head's bias
+    second = save_checkpoint(other, tmp_path / "ck2", {"accuracy": {"correct": 0.5}})
+    url = publish(second, "alice/cifar-demo", revision="v2")  # existing repo of ours: reused; new branch from main
+    assert url.endswith("/alice/cifar-demo/tree/v2")
+    assert hub.file_bytes("alice/cifar-demo", "model.safetensors", "v2") == (second / "model.safetensors").read_bytes()
+    assert hub.file_bytes("alice/cifar-demo", "model.safetensors") == (checkpoint / "model.safetensors").read_bytes()
+
+    on_branch = CifarTransferModel.from_pretrained("alice/cifar-demo", revision="v2")
+    assert torch.equal(outputs(on_branch), outputs(other))
+    assert not torch.equal(outputs(on_branch), outputs(model))
+    folder, _, note = resolve_checkpoint("alice/cifar-demo", revision="v2")
+    assert "alice/cifar-demo@v2" in note and (folder / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
+
+
+def test_private_repo_needs_the_token_to_read(hub, client, checkpoint, monkeypatch):
+    publish(checkpoint, "alice/secret", private=True)
+    assert hub.repos["alice/secret"].private
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(CheckpointError, match="does not exist, or is private"):
+        resolve_checkpoint("alice/secret")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert "downloaded" in resolve_checkpoint("alice/secret")[2]
+
+
+def test_token_from_a_prior_login_is_used_and_never_written_anywhere(hub, tmp_path, monkeypatch, checkpoint):
+    home = tmp_path / "hf_home"
+    _point_client_at(monkeypatch, hub.endpoint, home, token=None)
+    home.mkdir(parents=True)
+    (home / "token").write_text(TOKEN)  # what `hf auth login` leaves behind
+    publish(checkpoint, "alice/from-login")
+    resolve_checkpoint("alice/from-login")
+    assert "alice/from-login" in hub.repos
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p != home / "token"]
+    assert written and not [p for p in written if TOKEN.encode() in p.read_bytes()]
+
+
+# -- refusals: clear message, nothing published ------------------------------------------------
+
+
+def test_missing_token_gives_clear_error_and_creates_nothing(hub, tmp_path, monkeypatch, checkpoint):
+    env = _point_client_at(monkeypatch, hub.endpoint, tmp_path / "hf_home", token=None)
+    done = run_cli(env, str(checkpoint), "--repo-id", "alice/cifar-demo")
+    assert done.returncode != 0
+    assert "no Hugging Face token" in done.stderr and "HF_TOKEN" in done.stderr and "hf auth login" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert hub.repos == {} and not [r for r in hub.requests if r["path"].startswith(("/api/repos", "/api/models"))]
+
+
+def test_someone_elses_namespace_is_refused_with_403(hub, client, checkpoint):
+    hub.create("bob/cifar-demo", files={"config.json": b"{}"})
+    before = dict(hub.files("bob/cifar-demo"))
+    with pytest.raises(PublishError, match="403") as err:
+        publish(checkpoint, "bob/cifar-demo")
+    assert "someone else" in str(err.value) and "Nothing was uploaded" in str(err.value)
+    assert hub.files("bob/cifar-demo") == before and TOKEN not in str(err.value)
+
+
+def test_taken_name_in_own_namespace_is_refused_with_409(hub, client, checkpoint):
+    hub.create("alice/bert", files={"config.json": json.dumps({"model_type": "bert"}).encode(), "pytorch_model.bin": b"\0"})
+    before = dict(hub.files("alice/bert"))
+    with pytest.raises(PublishError, match="name alice/bert is taken"):
+        publish(checkpoint, "alice/bert")
+    assert hub.files("alice/bert") == before
+
+
+def test_failed_upload_leaves_nothing_half_published(hub, client, checkpoint):
+    hub.failures["commit"] = 500
+    with pytest.raises(PublishError, match="nothing was published.*deleted again"):
+        publish(checkpoint, "alice/cifar-demo")
+    assert "alice/cifar-demo" not in hub.repos
+
+
+def test_invalid_checkpoint_is_not_uploaded(hub, client, checkpoint):
+    (checkpoint / "model.safetensors").unlink()
+    with pytest.raises(PublishError, match="model.safetensors is missing"):
+        publish(checkpoint, "alice/cifar-demo")
+    assert hub.requests == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_hub_gives_clear_error(tmp_path, monkeypatch, checkpoint):
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = _point_client_at(monkeypatch, endpoint, tmp_path / "hf_home")
+    done = run_cli(env, str(checkpoint), "--repo-id", "alice/cifar-demo")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"cannot reach the Hugging Face Hub at {endpoint}" in done.stderr and "nothing was uploaded" in done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    with pytest.raises(CheckpointError, match="cannot reach the Hugging Face Hub .*, and it is not .*in the Hugging Face cache"):
+        resolve_checkpoint("alice/cifar-demo")
+
+
+# -- loading offline or unreachable: cache first, then the local copy -----------------------------
+
+
+def test_offline_falls_back_to_cache_then_to_local_copy(hub, client, checkpoint, monkeypatch, tmp_path, model):
+    from huggingface_hub import constants
+
+    publish(checkpoint, "alice/cifar-demo")
+    online, _, _ = resolve_checkpoint("alice/cifar-demo")  # fills the cache
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    folder, loaded, note = resolve_checkpoint("alice/cifar-demo", fallback=checkpoint)
+    assert folder == online and "loaded from the Hugging Face cache (offline mode, HF_HUB_OFFLINE=1)" in note
+    assert torch.equal(outputs(loaded), outputs(model))
+    assert torch.equal(outputs(CifarTransferModel.from_pretrained("alice/cifar-demo")), outputs(model))
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    folder, loaded, note = resolve_checkpoint("alice/cifar-demo", fallback=checkpoint)
+    assert folder == checkpoint and "HF_HUB_OFFLINE=1, and it is not (completely) in the Hugging Face cache" in note and f"using the local copy {checkpoint}" in note
+    with pytest.raises(CheckpointError, match="in the Hugging Face cache"):
+        resolve_checkpoint("alice/cifar-demo")
+
+
+def test_unreachable_hub_falls_back_to_cache_then_to_local_copy(hub, client, checkpoint, monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    publish(checkpoint, "alice/cifar-demo")
+    online, _, _ = resolve_checkpoint("alice/cifar-demo")
+    hub.stop()
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    folder, _, note = resolve_checkpoint("alice/cifar-demo")
+    assert folder == online and note.startswith("loaded from the Hugging Face cache (cannot reach the Hugging Face Hub")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    folder, loaded, note = resolve_checkpoint("alice/cifar-demo", fallback=checkpoint)
+    assert folder == checkpoint and "using the local copy" in note
+    assert load_checkpoint(checkpoint).config() == loaded.config()
+
+
+def test_unknown_repo_is_not_served_from_a_stale_cache(hub, client, checkpoint):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_checkpoint("alice/never-published")
+    _, _, note = resolve_checkpoint("alice/never-published", fallback=checkpoint)
+    assert "does not exist" in note and "using the local copy" in note
