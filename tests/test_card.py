@@ -1,0 +1,108 @@
+"""The model card: Hub metadata a user expects, every section, generated only from the checkpoint's files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from huggingface_hub import ModelCard
+
+from cifar_transfer.backbones import get_backbone
+from cifar_transfer.card import render_model_card, write_model_card
+from cifar_transfer.contract import IMAGENET, WRONG_VARIANTS, variant_title
+from cifar_transfer.model import FORMAT, CifarTransferModel, save_checkpoint
+from tests.conftest import EMBEDDED_CHECKPOINT
+
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def config_for(backbone: str, contract=None) -> dict:
+    contract = contract or get_backbone(backbone).contract
+    return {"format": FORMAT, "backbone": backbone, "class_names": CLASSES, "contract": contract.to_dict()}
+
+
+def full_metrics() -> dict:
+    return {
+        "dataset": "CIFAR-10 (JPEG copy)", "test_size": 10000, "train_size": 50000, "tta_flip": True,
+        "accuracy": {"correct": 0.9123, **{k: 0.1 + i / 20 for i, k in enumerate(WRONG_VARIANTS)}},
+        "command": "python -m cifar_transfer.train --backbone resnet18 --epochs 3",
+        "train_wall_seconds": 754.2, "total_wall_seconds": 901.0, "history": [{"epoch": e} for e in range(3)],
+        "environment": {"device": "cuda:0", "gpu": "NVIDIA H100 80GB HBM3", "cpu": "AMD EPYC", "cpu_count": 16,
+                        "torch_threads": 8, "python": "3.11.9", "torch": "2.14.1", "torchvision": "0.29.1"},
+        "train_config": {"backbone": "resnet18", "input_size": 224, "epochs": 3, "batch_size": 256, "lr": 0.05},
+    }
+
+
+def test_metadata_is_what_a_hub_user_expects():
+    metrics = full_metrics()
+    card = ModelCard(render_model_card(config_for("resnet18"), metrics, repo_id="alice/resnet18-cifar10"))
+    data = card.data
+    assert data.library_name == "cifar-transfer" and data.license and data.pipeline_tag == "image-classification"
+    assert {"image-classification", "cifar10", "resnet18"} <= set(data.tags)
+    assert data.datasets == ["uoft-cs/cifar10"]
+    assert data.base_model == get_backbone("resnet18").base_model
+    (result,) = data.eval_results
+    assert result.metric_type == "accuracy" and result.metric_value == metrics["accuracy"]["correct"]
+    assert result.dataset_name == metrics["dataset"] and result.dataset_split == "test"
+    assert result.task_type == "image-classification"
+    assert data.model_name == "alice/resnet18-cifar10"
+
+
+def test_sections_come_from_the_checkpoint_files():
+    metrics, config = full_metrics(), config_for("resnet18")
+    text = ModelCard(render_model_card(config, metrics, repo_id="alice/r18")).text
+    for ch, mean, std in zip("RGB", IMAGENET.mean, IMAGENET.std):  # the contract table
+        assert f"| {ch} | {mean:g} | {std:g} |" in text
+    assert "Why it matters" in text
+    for key, acc in metrics["accuracy"].items():  # the per-variant accuracy table
+        assert f"| {variant_title(key)} | {100 * acc:.2f}% |" in text
+    assert 'CifarTransferModel.from_pretrained("alice/r18")' in text and "model.classify(" in text
+    assert metrics["command"] in text and f"{metrics['train_wall_seconds'] / 60:.1f} min" in text
+    assert metrics["environment"]["gpu"] in text
+    assert "## Limitations" in text
+
+
+def test_base_model_is_left_out_where_there_is_none():
+    assert get_backbone("efficientnet_lite0").base_model is None
+    data = ModelCard(render_model_card(config_for("efficientnet_lite0"), full_metrics())).data
+    assert data.base_model is None and "base_model" not in data.to_dict()
+
+
+def test_card_without_metrics_is_valid_and_claims_nothing():
+    card = ModelCard(render_model_card(config_for("efficientnet_lite0"), None))
+    assert card.data.eval_results is None and "model-index" not in card.data.to_dict()
+    assert "No measured accuracy" in card.text and "does not record how it was trained" in card.text
+
+
+def test_other_dataset_is_named_honestly():
+    metrics = {**full_metrics(), "dataset": "pets", "test_size": 30}
+    data = ModelCard(render_model_card(config_for("resnet18"), metrics)).data
+    assert data.datasets is None
+    assert data.eval_results[0].dataset_name == "pets" and data.eval_results[0].dataset_type == "pets"
+
+
+def test_subset_of_the_test_set_is_disclosed():
+    text = render_model_card(config_for("resnet18"), {**full_metrics(), "test_size": 200})
+    assert "200 of the 10000 CIFAR-10 test images" in text
+
+
+def test_saved_checkpoint_card_is_regenerated_from_its_files(tmp_path):
+    model = CifarTransferModel.from_backbone("efficientnet_lite0", input_size=32, pretrained=False)
+    folder = save_checkpoint(model, tmp_path / "ck", {"accuracy": {"correct": 0.25}, "dataset": "CIFAR-10 (JPEG copy)"})
+    config = json.loads((folder / "config.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert (folder / "README.md").read_text() == render_model_card(config, metrics)
+    (folder / "README.md").write_text("hand-edited: 99% accuracy")
+    write_model_card(folder)
+    assert ModelCard.load(folder / "README.md").data.eval_results[0].metric_value == 0.25
+
+
+def test_embedded_checkpoint_card_matches_its_files():
+    if not (EMBEDDED_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"the embedded checkpoint {EMBEDDED_CHECKPOINT} is not there yet")
+    config = json.loads((EMBEDDED_CHECKPOINT / "config.json").read_text())
+    metrics_path = EMBEDDED_CHECKPOINT / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    assert (EMBEDDED_CHECKPOINT / "README.md").read_text() == render_model_card(config, metrics), \
+        "regenerate it: python -c \"from cifar_transfer.card import write_model_card as w; w('checkpoints/efficientnet_lite0-cifar10')\""
+
