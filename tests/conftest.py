@@ -7,6 +7,7 @@ clone without that folder.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10-jpeg"
 SHARED_REASON = "needs ../shared/datasets/cifar10-jpeg (CIFAR-10 JPEG copy)"
-EMBEDDED_CHECKPOINT = REPO / "checkpoints" / "efficientnet_lite0-cifar10"
+# The app's checkpoint: $CIFAR_TRANSFER_CHECKPOINT (a folder) when set, as app.py reads it, else the embedded one.
+APP_CHECKPOINT = Path(os.environ.get("CIFAR_TRANSFER_CHECKPOINT") or REPO / "checkpoints" / "efficientnet_lite0-cifar10")
 EXAMPLES = REPO / "examples"
 ARTIFACTS = REPO / "test-artifacts"
 
@@ -44,9 +46,9 @@ def embedded_model():
     """The embedded checkpoint, loaded once per test session."""
     from cifar_transfer.model import load_checkpoint, read_metrics
 
-    if not (EMBEDDED_CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip(f"the embedded checkpoint {EMBEDDED_CHECKPOINT} is not there yet")
-    return load_checkpoint(EMBEDDED_CHECKPOINT), read_metrics(EMBEDDED_CHECKPOINT)
+    if not (APP_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"the app's checkpoint {APP_CHECKPOINT} is not there yet")
+    return load_checkpoint(APP_CHECKPOINT), read_metrics(APP_CHECKPOINT)
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +67,8 @@ def example_images() -> list[Path]:
 @pytest.fixture(scope="session")
 def running_app():
     """The app's module-level ``demo``, served on 127.0.0.1 for the session; yields its URL."""
-    if not (EMBEDDED_CHECKPOINT / "model.safetensors").is_file():
-        pytest.skip(f"the embedded checkpoint {EMBEDDED_CHECKPOINT} is not there yet")
+    if not (APP_CHECKPOINT / "model.safetensors").is_file():
+        pytest.skip(f"the app's checkpoint {APP_CHECKPOINT} is not there yet")
     import app
 
     _, url, _ = app.launch(app.demo, host="127.0.0.1", port=None, share=False, prevent_thread_lock=True)

@@ -1,0 +1,265 @@
+"""Side-by-side demo: one image, the model's own normalization contract, and the ways to break it.
+
+    python app.py [--checkpoint DIR_OR_HUB_REPO_ID] [--host 0.0.0.0] [--port 7860] [--share]
+
+The same settings come from environment variables (for a Hugging Face Space):
+CIFAR_TRANSFER_CHECKPOINT, CIFAR_TRANSFER_REVISION, GRADIO_SERVER_NAME,
+GRADIO_SERVER_PORT, CIFAR_TRANSFER_SHARE, CIFAR_TRANSFER_THREADS. The model is
+loaded once, when the module-level ``demo`` is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import html
+import logging
+import math
+import os
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from cifar_transfer.contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, variant_explanation, variant_title
+from cifar_transfer.experiment import build_experiment_tab
+from cifar_transfer.hub import resolve_checkpoint
+from cifar_transfer.model import CheckpointError, read_metrics
+from cifar_transfer.predictor import ImageInputError, Predictor, VariantError
+
+log = logging.getLogger("cifar_transfer.app")
+
+HERE = Path(__file__).resolve().parent
+EMBEDDED_CHECKPOINT = HERE / "checkpoints" / "efficientnet_lite0-cifar10"
+EXAMPLES = HERE / "examples"
+PANEL_KEYS = [CORRECT_KEY, *WRONG_VARIANTS]
+# Queue: one forward pass runs at a time (the predictor's lock; on a small CPU that is also the
+# fastest), a second request may decode its image and encode its answer meanwhile.
+CONCURRENCY = int(os.environ.get("CIFAR_TRANSFER_CONCURRENCY", "2"))
+QUEUE_SIZE = int(os.environ.get("CIFAR_TRANSFER_QUEUE_SIZE", "128"))
+MAX_UPLOAD = "25mb"
+
+CSS = """
+.panels { flex-wrap: wrap !important; gap: 12px; }
+.vpanel { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 10px !important; }
+.vpanel.correct { border: 2px solid #2e7d32; }
+.meter { font-size: 0.9em; line-height: 1.35; }
+.meter-top { display: flex; justify-content: space-between; align-items: baseline; gap: 8px; }
+.meter-chip { color: #fff; border-radius: 999px; padding: 1px 10px; font-weight: 600; }
+.meter-bar { height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; margin: 6px 0; }
+.meter-fill { height: 100%; }
+.warning-badge { background: #c62828; color: #fff; border-radius: 10px; padding: 10px 14px; font-weight: 600; }
+.accuracy { font-size: 0.9em; }
+.pixelated img { image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%; }
+@media (max-width: 700px) {
+  .panels { flex-direction: column !important; }
+  .panels > .vpanel { min-width: 0 !important; width: 100% !important; }
+  button { min-height: 44px; }
+}
+"""
+
+
+class RawImage(gr.Image):
+    """``gr.Image`` that hands the function the uploaded file unopened, so the predictor checks it."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):
+            try:
+                return base64.b64decode(payload.url.split(",", 1)[1], validate=True)
+            except (IndexError, binascii.Error):
+                raise gr.Error("The pasted image data could not be read.") from None
+        return payload.path
+
+
+# -- rendering ------------------------------------------------------------------------
+
+
+def contract_markdown(predictor: Predictor) -> str:
+    c = predictor.contract
+    row = lambda name, values: f"| {name} | " + " | ".join(f"{v:g}" for v in values) + " |"  # noqa: E731
+    scale = "0..1" if c.pixel_scale == 1 else f"0..{c.pixel_scale:g}"
+    return "\n".join([
+        "### The contract of the loaded model",
+        f"The network computes **(pixel / 255 × {c.pixel_scale:g} − mean) / std** per channel, exactly as its "
+        "pretrained weights were trained. Every panel above feeds it the same image; only this preprocessing changes.",
+        "",
+        "| | R | G | B |",
+        "|---|---|---|---|",
+        row("mean", c.mean),
+        row("std", c.std),
+        "",
+        f"Pixels scaled to {scale}, {c.channel_order} order, resized to {c.input_size}×{c.input_size} ({c.interpolation}).",
+    ])
+
+
+def meter_html(meter: dict) -> str:
+    d = meter["divergence"]
+    number = f"{d:.2f}" if d < 10 else f"{d:,.0f}"
+    fill = max(3.0, min(100.0, 100 * math.log10(1 + d) / 5))  # log scale, full at D = 100,000
+    colour = html.escape(meter["colour"])
+    return (
+        f'<div class="meter"><div class="meter-top"><span>Contract meter: <b>{number}</b></span>'
+        f'<span class="meter-chip" style="background:{colour}">{html.escape(meter["level"])}</span></div>'
+        f'<div class="meter-bar"><div class="meter-fill" style="width:{fill:.0f}%;background:{colour}"></div></div>'
+        f'<div class="meter-words">{html.escape(meter["words"])}</div></div>'
+    )
+
+
+def accuracy_markdown(accuracy: float | None, test_size: int | None) -> str:
+    if accuracy is None:
+        return "Measured test accuracy: *not measured for this checkpoint*."
+    size = f" on {test_size:,} test images" if test_size else ""
+    return f"Measured test accuracy with this preprocessing: **{100 * accuracy:.1f}%**{size}."
+
+
+def warning_html(text: str) -> str:
+    return f'<div class="warning-badge" role="alert">⚠ {html.escape(text)}</div>'
+
+
+# -- the app --------------------------------------------------------------------------
+
+
+def load_predictor(checkpoint: str | None = None, revision: str | None = None) -> tuple[Predictor, str]:
+    ref = checkpoint or os.environ.get("CIFAR_TRANSFER_CHECKPOINT") or str(EMBEDDED_CHECKPOINT)
+    revision = revision or os.environ.get("CIFAR_TRANSFER_REVISION") or None
+    folder, model, note = resolve_checkpoint(ref, revision=revision, fallback=EMBEDDED_CHECKPOINT)
+    log.info(note)
+    return Predictor(model, read_metrics(folder)), note
+
+
+def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr.Blocks:
+    """The whole app; loads the checkpoint once."""
+    threads = os.environ.get("CIFAR_TRANSFER_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
+    predictor, note = load_predictor(checkpoint, revision)
+
+    def predict(image, variants):
+        """Classify one image under the correct contract and each chosen wrong variant (one batched pass).
+
+        Returns JSON: {"variants": [{key, title, explanation, label, confidences, meter, accuracy}, ...],
+        "warning", "notes"}; the first variant is always "correct". ``null`` when no image is given.
+        """
+        if image is None:
+            return None, None
+        try:
+            result = predictor.predict(image, variants if variants is not None else list(DEFAULT_DEMO_VARIANTS))
+        except (ImageInputError, VariantError) as exc:
+            log.info("refused input: %s", exc)
+            # Gradio renders the message as HTML: escape what came from the visitor (a file name).
+            raise gr.Error(html.escape(str(exc), quote=False), title="Cannot classify this input",
+                           print_exception=False) from None
+        except Exception:
+            log.exception("prediction failed")
+            raise gr.Error("Something went wrong while classifying this image; please try another one.") from None
+        return result.to_dict(), [v.seen for v in result.variants]
+
+    with gr.Blocks(title="Normalization is a contract", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# Input normalization is a contract with the pretrained model\n"
+            "Break it and nothing crashes: the model still answers, only worse. Give it an image and compare the "
+            "correct preprocessing with the usual mistakes, side by side."
+        )
+        with gr.Tab("Demo"):
+            with gr.Row():
+                with gr.Column(scale=1, min_width=280):
+                    image = RawImage(sources=["upload", "webcam", "clipboard"], label="Your image", height=280,
+                                     elem_classes="pixelated")
+                    gr.Examples([[str(p)] for p in sorted(EXAMPLES.glob("*.png"))], inputs=[image],
+                                label="Examples: CIFAR-10 test images (click one)", examples_per_page=8)
+                with gr.Column(scale=1, min_width=280):
+                    variants = gr.CheckboxGroup([(v.title, k) for k, v in WRONG_VARIANTS.items()],
+                                                value=list(DEFAULT_DEMO_VARIANTS), label="Wrong variants to compare")
+            badge = gr.HTML(visible=False)
+            notes = gr.Markdown(visible=False)
+            columns, labels, seens, meters = [], [], [], []
+            with gr.Row(elem_classes="panels", equal_height=False):
+                for key in PANEL_KEYS:
+                    classes = ["vpanel", "correct" if key == CORRECT_KEY else "wrong", f"panel-{key}"]
+                    with gr.Column(visible=key == CORRECT_KEY or key in DEFAULT_DEMO_VARIANTS, min_width=220,
+                                   elem_classes=classes) as column:
+                        gr.Markdown(f"### {variant_title(key)}\n{variant_explanation(key)}")
+                        labels.append(gr.Label(num_top_classes=5, label="Top 5", elem_classes="label"))
+                        seens.append(gr.Image(label="What the network receives", type="numpy", format="png",
+                                              interactive=False, height=140, buttons=[],
+                                              elem_classes=["pixelated", "seen"]))
+                        meters.append(gr.HTML(elem_classes="meter-html"))
+                        gr.Markdown(accuracy_markdown(predictor.accuracy.get(key), predictor.test_size),
+                                    elem_classes="accuracy")
+                    columns.append(column)
+            gr.DeepLinkButton("Copy a link to this result", size="md")
+            gr.Markdown(contract_markdown(predictor))
+            gr.Markdown(f"<small>Checkpoint: {html.escape(note)}</small>")
+            with gr.Accordion("The API's JSON answer", open=False):
+                raw = gr.JSON(label="JSON")
+            shown = gr.State()
+
+        with gr.Tab("Does it matter? (measured)"):
+            build_experiment_tab()
+
+        def render(result, pictures, chosen):
+            chosen = set(chosen or ())
+            if not result:
+                return [gr.HTML(visible=False), gr.Markdown(visible=False),
+                        *(gr.Column(visible=k == CORRECT_KEY or k in chosen) for k in PANEL_KEYS),
+                        *([None] * len(PANEL_KEYS) * 3)]
+            by_key = {v["key"]: (v, pic) for v, pic in zip(result["variants"], pictures)}
+            out_labels, out_seens, out_meters = [], [], []
+            for key in PANEL_KEYS:
+                v, pic = by_key.get(key, (None, None))
+                out_labels.append(v["confidences"] if v else None)
+                out_seens.append(pic)
+                out_meters.append(meter_html(v["meter"]) if v else None)
+            warning = result.get("warning")
+            return [gr.HTML(warning_html(warning) if warning else "", visible=bool(warning)),
+                    gr.Markdown("\n".join(f"- {n}" for n in result.get("notes", [])), visible=bool(result.get("notes"))),
+                    *(gr.Column(visible=k in by_key) for k in PANEL_KEYS), *out_labels, *out_seens, *out_meters]
+
+        panel_outputs = [badge, notes, *columns, *labels, *seens, *meters]
+        event = gr.on([image.change, variants.change], predict, inputs=[image, variants], outputs=[raw, shown],
+                      api_name="predict", trigger_mode="always_last", concurrency_limit=CONCURRENCY,
+                      show_progress="minimal")
+        event.success(render, inputs=[raw, shown, variants], outputs=panel_outputs, queue=False,
+                      api_visibility="private", show_progress="hidden")
+        event.failure(lambda chosen: render(None, None, chosen), inputs=[variants], outputs=panel_outputs,
+                      queue=False, api_visibility="private", show_progress="hidden")
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
+    demo.predictor = predictor
+    return demo
+
+
+def launch(app: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
+    """``app.launch`` with this demo's styling and limits (Gradio 6 takes css/theme here)."""
+    return app.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
+                      max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], **kwargs)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=env("CIFAR_TRANSFER_CHECKPOINT", str(EMBEDDED_CHECKPOINT)),
+                   help="checkpoint folder or Hugging Face Hub repo id [$CIFAR_TRANSFER_CHECKPOINT]")
+    p.add_argument("--revision", default=env("CIFAR_TRANSFER_REVISION"), help="Hub revision [$CIFAR_TRANSFER_REVISION]")
+    p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on [$GRADIO_SERVER_NAME]")
+    p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="port [$GRADIO_SERVER_PORT]")
+    p.add_argument("--share", action=argparse.BooleanOptionalAction,
+                   default=env("CIFAR_TRANSFER_SHARE", "").lower() in ("1", "true", "yes"),
+                   help="also serve a public Gradio share link [$CIFAR_TRANSFER_SHARE]")
+    return p
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = get_args_parser().parse_args()
+    try:
+        demo = build_demo(args.checkpoint, args.revision)
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    launch(demo, host=args.host, port=args.port, share=args.share)
+else:
+    demo = build_demo()
