@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
@@ -11,8 +12,8 @@ from cifar_transfer.backbones import get_backbone
 from cifar_transfer.card import render_model_card, write_model_card
 from cifar_transfer.contract import IMAGENET, WRONG_VARIANTS, variant_title
 from cifar_transfer.model import FORMAT, CifarTransferModel, save_checkpoint
-from tests.conftest import EMBEDDED_CHECKPOINT
 
+EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "efficientnet_lite0-cifar10"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 

@@ -96,13 +96,15 @@ def outputs(m: CifarTransferModel) -> torch.Tensor:
 def test_cli_publishes_one_commit_and_loads_back_identical(hub, client, checkpoint, model):
     from huggingface_hub import ModelCard
 
-    done = run_cli(client, str(checkpoint), "--repo-id", "alice/cifar-demo", "--commit-message", "first model")
+    debug = {**client, "HF_HUB_VERBOSITY": "debug"}  # the client logs every request it makes
+    done = run_cli(debug, str(checkpoint), "--repo-id", "alice/cifar-demo", "--commit-message", "first model")
     assert done.returncode == 0, done.stderr
-    assert "alice/cifar-demo" in done.stdout
+    assert "alice/cifar-demo" in done.stdout and "/api/repos/create" in done.stderr
     assert TOKEN not in done.stdout + done.stderr
 
     repo = hub.repos["alice/cifar-demo"]
     assert len(repo.commits) == 2  # the Hub's initial .gitattributes commit, then ours: one commit for everything
+    assert repo.messages[repo.branches["main"]] == "first model"
     files = hub.files("alice/cifar-demo")
     assert set(files) == {".gitattributes", *CHECKPOINT_FILES, "README.md"}  # never train_state.pt
     assert files["model.safetensors"].lfs  # weights went through LFS to the storage origin ...
@@ -142,6 +144,21 @@ def test_revision_branch_and_republish(hub, client, checkpoint, model, tmp_path)
     assert "alice/cifar-demo@v2" in note and (folder / "model.safetensors").read_bytes() == (second / "model.safetensors").read_bytes()
 
 
+def test_train_push_to_hub_publishes_the_trained_checkpoint(hub, client, tmp_path):
+    from cifar_transfer import train
+    from tests.helpers import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "data", classes=("cat", "dog"), n_train=8, n_test=2)
+    out = tmp_path / "trained"
+    train.main(["--backbone", "efficientnet_lite0", "--input-size", "32", "--batch-size", "8", "--freeze-stages", "3",
+                "--epochs", "1", "--no-progress", "--no-variants", "--data-dir", str(data), "--output", str(out),
+                "--push-to-hub", "alice/tiny", "--private"])
+    assert (out / "train_state.pt").is_file() and hub.repos["alice/tiny"].private
+    assert set(hub.files("alice/tiny")) == {".gitattributes", *CHECKPOINT_FILES, "README.md"}
+    for name in CHECKPOINT_FILES:
+        assert hub.file_bytes("alice/tiny", name) == (out / name).read_bytes()
+
+
 def test_private_repo_needs_the_token_to_read(hub, client, checkpoint, monkeypatch):
     publish(checkpoint, "alice/secret", private=True)
     assert hub.repos["alice/secret"].private
@@ -174,6 +191,22 @@ def test_missing_token_gives_clear_error_and_creates_nothing(hub, tmp_path, monk
     assert "no Hugging Face token" in done.stderr and "HF_TOKEN" in done.stderr and "hf auth login" in done.stderr
     assert "Traceback" not in done.stderr
     assert hub.repos == {} and not [r for r in hub.requests if r["path"].startswith(("/api/repos", "/api/models"))]
+
+
+def test_rejected_token_gives_clear_error(hub, client, checkpoint, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_RevokedToken000")
+    with pytest.raises(PublishError, match="rejected the token") as err:
+        publish(checkpoint, "alice/cifar-demo")
+    assert "hf_RevokedToken000" not in str(err.value) and hub.repos == {}
+
+
+def test_offline_mode_refuses_to_publish(hub, client, checkpoint, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PublishError, match="HF_HUB_OFFLINE=1; nothing was uploaded"):
+        publish(checkpoint, "alice/cifar-demo")
+    assert hub.requests == []
 
 
 def test_someone_elses_namespace_is_refused_with_403(hub, client, checkpoint):
