@@ -20,7 +20,7 @@ from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts, variant_ti
 @torch.no_grad()
 def predict_logits(model, split, *, contract=None, device=None, batch_size: int = 256, tta_flip: bool = False,
                    progress: bool = False, desc: str = "eval") -> torch.Tensor:
-    """Logits for every image of ``split`` under ``contract`` (default: the model's own)."""
+    """Class probabilities for every image of ``split`` under ``contract`` (default: the model's own)."""
     from tqdm.auto import tqdm
 
     device = device or model.device
@@ -42,9 +42,11 @@ def predict_logits(model, split, *, contract=None, device=None, batch_size: int 
 def evaluate_variants(model, split, *, keys=None, device=None, batch_size: int = 256, tta_flip: bool = False,
                       progress: bool = False) -> dict[str, float]:
     """``{"correct": acc, <variant>: acc, ...}`` as fractions in [0, 1]."""
-    keys = [k for k in (keys or [CORRECT_KEY, *WRONG_VARIANTS]) if k != CORRECT_KEY]
+    keys = list(keys or [CORRECT_KEY, *WRONG_VARIANTS])
     results = {}
     for key, contract in variant_contracts(model.contract, keys).items():
+        if key not in keys:
+            continue
         probs = predict_logits(model, split, contract=contract, device=device, batch_size=batch_size,
                                tta_flip=tta_flip, progress=progress, desc=key)
         results[key] = round((probs.argmax(1) == split.labels).float().mean().item(), 6)
@@ -71,6 +73,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
     p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
                    help="average each image with its mirror (default: as the checkpoint was evaluated)")
+    p.add_argument("--classes", nargs="+", metavar="NAME", help="score these classes only (as the checkpoint was trained)")
     p.add_argument("--max-test-per-class", type=int, help="score only the first N test images of each class")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, help="CPU threads")
@@ -95,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         print(note)
         metrics = read_metrics(folder) or {}
         tta = metrics.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
-        ds = load_dataset(args.data_dir, max_test_per_class=args.max_test_per_class)
+        ds = load_dataset(args.data_dir, classes=args.classes, max_per_class=1, max_test_per_class=args.max_test_per_class)
     except (CheckpointError, DataError) as exc:
         raise SystemExit(f"error: {exc}") from None
     if ds.classes != model.class_names:

@@ -1,0 +1,138 @@
+"""Training CLI: a real short run, resume after Ctrl-C, DistributedDataParallel, evaluation CLI."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cifar_transfer import train as train_mod
+from cifar_transfer.evaluate import main as evaluate_main
+from tests.helpers import make_folder_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--backbone", "efficientnet_lite0", "--input-size", "32", "--batch-size", "8", "--freeze-stages", "3",
+        "--no-progress", "--eval-batch-size", "16"]
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return make_folder_dataset(tmp_path / "data", classes=("cat", "dog", "ship"), n_train=8, n_test=4)
+
+
+def run_train(argv):
+    train_mod.main([str(a) for a in argv])
+
+
+def test_every_flag_has_help_text():
+    for action in train_mod.get_args_parser()._actions:
+        assert action.help, action.option_strings
+
+
+def test_short_training_on_real_cifar_subset_learns(shared_data, tmp_path):
+    out = tmp_path / "ck"
+    run_train(["--backbone", "efficientnet_lite0", "--data-dir", shared_data, "--classes", "cat", "ship", "frog",
+               "--max-per-class", "100", "--max-test-per-class", "50", "--input-size", "64", "--freeze-stages", "4",
+               "--epochs", "3", "--batch-size", "32", "--lr", "0.05", "--no-progress", "--output", out])
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = metrics["history"]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["accuracy"]["correct"] > 0.5  # chance is 1/3
+    assert metrics["test_size"] == 150 and metrics["dataset"] == "CIFAR-10 (JPEG copy)"
+    assert set(metrics["accuracy"]) == {"correct", "no_normalization", "raw_0_255", "other_model_stats",
+                                        "cifar10_stats", "bgr", "normalized_twice"}
+    assert metrics["command"].startswith("python -m cifar_transfer.train --backbone efficientnet_lite0")
+    assert metrics["environment"]["torch"] == torch.__version__
+    assert metrics["train_config"]["epochs"] == 3
+
+    # the evaluation CLI reproduces the accuracy written at the end of training
+    metrics_before = (out / "metrics.json").read_text()
+    evaluate_main([str(out), "--data-dir", str(shared_data), "--classes", "cat", "ship", "frog",
+                   "--max-test-per-class", "50", "--write"])
+    after = json.loads((out / "metrics.json").read_text())
+    assert after["accuracy"] == pytest.approx(json.loads(metrics_before)["accuracy"], abs=1e-6)
+
+
+def test_cached_features_train_and_match_full_model_evaluation(tiny_data, tmp_path):
+    out = tmp_path / "ck"
+    run_train([*TINY, "--data-dir", tiny_data, "--epochs", "2", "--cache-features", "--cache-views", "2", "--output", out])
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the last epoch's accuracy on cached features equals the full model's accuracy on raw pixels
+    assert metrics["history"][-1]["test_acc"] == pytest.approx(metrics["accuracy"]["correct"], abs=1e-6)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkeypatch):
+    args = [*TINY, "--data-dir", tiny_data, "--epochs", "2", "--no-variants"]
+    run_train([*args, "--output", tmp_path / "straight"])
+
+    real_lr_at = train_mod.lr_at
+
+    def interrupt_in_second_epoch(progress, *a):
+        if progress >= 0.5:
+            raise KeyboardInterrupt
+        return real_lr_at(progress, *a)
+
+    monkeypatch.setattr(train_mod, "lr_at", interrupt_in_second_epoch)
+    with pytest.raises(SystemExit) as exc:
+        run_train([*args, "--output", tmp_path / "resumed"])
+    assert exc.value.code == 130
+    assert (tmp_path / "resumed" / "train_state.pt").is_file()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
+    assert state["epoch"] == 1
+
+    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    run_train([*args, "--output", tmp_path / "resumed", "--resume"])
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_same_seed_same_weights(tiny_data, tmp_path):
+    args = [*TINY, "--data-dir", tiny_data, "--epochs", "1", "--no-variants"]
+    run_train([*args, "--output", tmp_path / "a"])
+    run_train([*args, "--output", tmp_path / "b"])
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_process_ddp_ends_with_identical_weights_on_both_ranks(tiny_data, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "cifar_transfer.train", *TINY,
+         "--data-dir", str(tiny_data), "--epochs", "2", "--no-variants", "--device", "cpu", "--output", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    dist = metrics["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo"
+    assert dist["rank_weight_checksums"][0] == dist["rank_weight_checksums"][1]
+    # each rank saw half of the 24 training images per epoch: global batch 8 = 2 x 4, 3 steps per epoch
+    assert metrics["history"][0]["steps"] == 3
+    assert proc.stdout.count("checkpoint written") == 1  # rank 0 only
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="data folder not found"):
+        run_train([*TINY, "--data-dir", tmp_path / "missing", "--output", tmp_path / "ck"])
+
+
+def test_cache_features_without_frozen_stages_is_refused(tiny_data, tmp_path):
+    with pytest.raises(SystemExit, match="--cache-features needs --freeze-stages"):
+        run_train([*TINY, "--data-dir", tiny_data, "--freeze-stages", "0", "--cache-features", "--output", tmp_path / "ck"])
+
+
+def test_evaluate_refuses_a_broken_checkpoint(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "config.json").write_text("{")
+    with pytest.raises(SystemExit, match="not valid JSON"):
+        evaluate_main([str(tmp_path / "ck"), "--data-dir", str(tmp_path)])
