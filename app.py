@@ -60,20 +60,27 @@ CSS = """
 """
 
 
-class RawImage(gr.Image):
-    """``gr.Image`` that hands the function the uploaded file unopened, so the predictor checks it."""
+def raw_payload(payload):
+    """What the predictor gets from the image input: the uploaded file's path (or pasted bytes), unopened.
 
-    is_template = True
+    Gradio's own ``gr.Image.preprocess`` opens uploads with Pillow and fails on a
+    bad file with an unclear message; the predictor checks every case itself.
+    """
+    if payload is None:
+        return None
+    if payload.url and payload.url.startswith("data:"):
+        try:
+            return base64.b64decode(payload.url.split(",", 1)[1], validate=True)
+        except (IndexError, binascii.Error):
+            raise gr.Error("The pasted image data could not be read.") from None
+    return payload.path
 
-    def preprocess(self, payload):
-        if payload is None:
-            return None
-        if payload.url and payload.url.startswith("data:"):
-            try:
-                return base64.b64decode(payload.url.split(",", 1)[1], validate=True)
-            except (IndexError, binascii.Error):
-                raise gr.Error("The pasted image data could not be read.") from None
-        return payload.path
+
+def raw_image(**kwargs) -> gr.Image:
+    """A ``gr.Image`` input whose value reaches the function through :func:`raw_payload`."""
+    image = gr.Image(type="filepath", **kwargs)
+    image.preprocess = raw_payload  # per instance: a subclass would make Gradio write an app.pyi stub
+    return image
 
 
 # -- rendering ------------------------------------------------------------------------
@@ -168,7 +175,7 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
         with gr.Tab("Demo"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
-                    image = RawImage(sources=["upload", "webcam", "clipboard"], label="Your image", height=280,
+                    image = raw_image(sources=["upload", "webcam", "clipboard"], label="Your image", height=280,
                                      elem_classes="pixelated")
                     gr.Examples([[str(p)] for p in sorted(EXAMPLES.glob("*.png"))], inputs=[image],
                                 label="Examples: CIFAR-10 test images (click one)", examples_per_page=8)

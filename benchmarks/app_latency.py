@@ -1,0 +1,97 @@
+"""Latency of one-variant vs all-variants prediction, in process and through the app's API.
+
+    python benchmarks/app_latency.py [--checkpoint DIR] [--runs 60] [--json out.json]
+
+"one variant" is the correct contract alone; "default" is the correct contract
+plus contract.DEFAULT_DEMO_VARIANTS (what the app shows by default, one batch
+of 4); "all" adds every wrong variant (a batch of 7). Two levels:
+
+* ``predictor``: ``Predictor.predict`` on an example PNG (decode, one forward
+  pass, meter, display pictures);
+* ``api``: ``gradio_client`` calling ``/predict`` on the app served on
+  127.0.0.1 (upload, queue, JSON answer).
+
+Goal (issue 4): default ≤ 1.3 × one variant and p50 ≤ 0.25 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    s = sorted(samples)
+    pick = lambda q: s[min(len(s) - 1, round(q * (len(s) - 1)))]  # noqa: E731
+    return {"p50": pick(0.50), "p95": pick(0.95), "mean": statistics.fmean(s), "n": len(s)}
+
+
+def timed(fn, runs: int, warmup: int = 5) -> dict[str, float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return percentiles(samples)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="checkpoint folder or Hub id (default: as app.py)")
+    p.add_argument("--runs", type=int, default=60, help="timed calls per case")
+    p.add_argument("--image", default=str(ROOT / "examples" / "cat_cifar10-test-00.png"))
+    p.add_argument("--no-api", action="store_true", help="only time the predictor in process")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    if args.checkpoint:
+        os.environ["CIFAR_TRANSFER_CHECKPOINT"] = args.checkpoint
+
+    import torch
+
+    from cifar_transfer.contract import DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS
+
+    cases = {"one variant": [], "default": list(DEFAULT_DEMO_VARIANTS), "all": list(WRONG_VARIANTS)}
+    import app  # builds the demo: loads the model once
+
+    predictor = app.demo.predictor
+    results = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "levels": {}}
+    results["levels"]["predictor"] = {name: timed(lambda v=v: predictor.predict(args.image, v), args.runs)
+                                      for name, v in cases.items()}
+    if not args.no_api:
+        from gradio_client import Client, handle_file
+
+        _, url, _ = app.launch(app.demo, host="127.0.0.1", port=None, prevent_thread_lock=True, quiet=True)
+        try:
+            client = Client(url, verbose=False)
+            call = lambda v: client.predict(handle_file(args.image), v, api_name="/predict")  # noqa: E731
+            results["levels"]["api"] = {name: timed(lambda v=v: call(v), args.runs) for name, v in cases.items()}
+        finally:
+            app.demo.close()
+
+    print(f"torch threads {results['torch_threads']}, {results['cpu_count']} CPUs, {args.runs} timed calls per case")
+    print(f"{'level':<10} {'case':<12} {'batch':>5} {'p50 ms':>8} {'p95 ms':>8} {'p50 / one':>10}")
+    for level, by_case in results["levels"].items():
+        base = by_case["one variant"]["p50"]
+        for name, r in by_case.items():
+            r["ratio_p50"] = r["p50"] / base
+            print(f"{level:<10} {name:<12} {1 + len(cases[name]):>5} {1000 * r['p50']:>8.1f} {1000 * r['p95']:>8.1f} "
+                  f"{r['ratio_p50']:>9.2f}x")
+        ok = by_case["default"]["ratio_p50"] <= 1.3 and by_case["default"]["p50"] <= 0.25
+        print(f"{level:<10} goal (default <= 1.3x one variant, p50 <= 0.25 s): {'met' if ok else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

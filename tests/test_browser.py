@@ -1,0 +1,93 @@
+"""The app in a real browser (Debian's chromium through Playwright) on a desktop and a phone viewport."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from cifar_transfer.contract import DEFAULT_DEMO_VARIANTS
+
+from .conftest import ARTIFACTS
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+VIEWPORTS = {"desktop": (1280, 800), "phone": (390, 844)}
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def no_horizontal_scroll(page) -> bool:
+    return page.evaluate("document.scrollingElement.scrollWidth <= window.innerWidth")
+
+
+@pytest.mark.parametrize("name", list(VIEWPORTS))
+def test_click_example_fills_every_panel(browser, running_app, name):
+    width, height = VIEWPORTS[name]
+    page = browser.new_page(viewport={"width": width, "height": height})
+    try:
+        page.goto(running_app)
+        examples = page.locator("button.gallery-item")
+        examples.first.wait_for(timeout=60_000)
+        assert no_horizontal_scroll(page)
+        examples.nth(1).click()
+
+        panels = page.locator(".vpanel:visible")
+        expected = 1 + len(DEFAULT_DEMO_VARIANTS)
+        page.wait_for_function(f"() => document.querySelectorAll('.vpanel .meter').length >= {expected}", timeout=60_000)
+        assert panels.count() == expected
+        for i in range(expected):
+            panel = panels.nth(i)
+            panel.scroll_into_view_if_needed()
+            label = panel.locator("[data-testid='label-output-value']")
+            assert label.is_visible() and label.inner_text().strip(), f"panel {i} has no top class"
+            assert panel.locator(".meter").is_visible()
+            assert "Contract meter" in panel.locator(".meter").inner_text()
+            picture = panel.locator(".seen img")
+            picture.wait_for(timeout=30_000)
+            page.wait_for_function("(img) => img.complete && img.naturalWidth > 0", arg=picture.element_handle(),
+                                   timeout=30_000)
+        assert no_horizontal_scroll(page)
+
+        if name == "phone":  # panels stack: one per row, each as wide as the others
+            boxes = [panels.nth(i).bounding_box() for i in range(expected)]
+            assert len({round(b["x"]) for b in boxes}) == 1
+            assert all(b["width"] <= width for b in boxes)
+            for target in (examples.nth(0), page.locator("label:has(input[type=checkbox])").first):
+                assert target.bounding_box()["height"] >= 32, "too small to tap"
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        shots = [ARTIFACTS / f"app-{name}.png", ARTIFACTS / f"app-{name}-full.png"]
+        page.evaluate("document.querySelector('.panel-correct').scrollIntoView()")
+        page.screenshot(path=str(shots[0]))
+        page.screenshot(path=str(shots[1]), full_page=True)
+        for shot in shots:
+            print(f"screenshot: {shot}")
+    finally:
+        page.close()
+
+
+def test_bad_upload_shows_an_error_and_the_page_recovers(browser, running_app, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis file stops here")
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(running_app)
+        page.locator("button.gallery-item").first.wait_for(timeout=60_000)
+        page.locator("input[type=file]").first.set_input_files(str(bad))
+        page.get_by_text(re.compile("not an image this app can read|damaged|truncated")).first.wait_for(timeout=60_000)
+        page.locator("button.gallery-item").nth(2).click()
+        page.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 2", timeout=60_000)
+    finally:
+        page.close()
