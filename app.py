@@ -56,6 +56,7 @@ CSS = """
   .panels { flex-direction: column !important; }
   .panels > .vpanel { min-width: 0 !important; width: 100% !important; }
   button { min-height: 44px; }
+  button.icon { min-width: 44px; }  /* upload / camera / paste */
 }
 """
 

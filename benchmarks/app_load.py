@@ -2,7 +2,9 @@
 
     python benchmarks/app_load.py [--clients 32] [--requests 10] [--url http://127.0.0.1:7860/]
 
-Without ``--url`` the app is started in this process (127.0.0.1, a free port).
+Without ``--url`` the app is started as a separate process (``python app.py``
+on 127.0.0.1, a free port; the clients' threads would otherwise compete with
+the server for this process's GIL) and stopped at the end.
 Each client sends its requests one after another (examples in turn, default
 variants); all clients run at once. Reports errors and p50/p95 latency; exits
 with status 1 if any request failed. Only loopback URLs are accepted.
@@ -12,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
@@ -45,6 +50,27 @@ def run_client(url: str, images: list[Path], requests: int, offset: int) -> tupl
     return latencies, errors
 
 
+def start_app(timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+    """``python app.py`` on 127.0.0.1 and a free port; returns the process and its URL once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the app exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise SystemExit(f"error: the app did not answer on {url} within {timeout:.0f} s")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=32)
@@ -54,16 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     images = sorted((ROOT / "examples").glob("*.png"))
-    demo = None
+    proc = None
     if args.url:
         if urlparse(args.url).hostname not in ("127.0.0.1", "localhost", "::1"):
             raise SystemExit("error: the load test only targets a local app (127.0.0.1)")
         url = args.url
     else:
-        import app
-
-        demo = app.demo
-        _, url, _ = app.launch(demo, host="127.0.0.1", port=None, prevent_thread_lock=True, quiet=True)
+        proc, url = start_app()
     try:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
@@ -71,8 +94,9 @@ def main(argv: list[str] | None = None) -> dict:
             outcomes = [f.result() for f in futures]
         wall = time.perf_counter() - t0
     finally:
-        if demo is not None:
-            demo.close()
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
     latencies = [x for lat, _ in outcomes for x in lat]
     errors = [e for _, errs in outcomes for e in errs]

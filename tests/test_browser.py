@@ -64,8 +64,11 @@ def test_click_example_fills_every_panel(browser, running_app, name):
             boxes = [panels.nth(i).bounding_box() for i in range(expected)]
             assert len({round(b["x"]) for b in boxes}) == 1
             assert all(b["width"] <= width for b in boxes)
-            for target in (examples.nth(0), page.locator("label:has(input[type=checkbox])").first):
-                assert target.bounding_box()["height"] >= 32, "too small to tap"
+            sources = [page.get_by_label(name, exact=True)
+                       for name in ("Upload file", "Capture from camera", "Paste from clipboard")]
+            for target in (examples.nth(0), page.locator("label:has(input[type=checkbox])").first, *sources):
+                box = target.bounding_box()
+                assert box["height"] >= 32 and box["width"] >= 32, "too small to tap"
 
         ARTIFACTS.mkdir(exist_ok=True)
         shots = [ARTIFACTS / f"app-{name}.png", ARTIFACTS / f"app-{name}-full.png"]
