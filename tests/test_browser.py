@@ -94,3 +94,25 @@ def test_bad_upload_shows_an_error_and_the_page_recovers(browser, running_app, t
         page.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 2", timeout=60_000)
     finally:
         page.close()
+
+
+def test_deep_link_reopens_the_same_result(browser, running_app):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    again = browser.new_page(viewport={"width": 1280, "height": 800})
+    try:
+        page.goto(running_app)
+        page.locator("button.gallery-item").nth(4).click()
+        page.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 2", timeout=60_000)
+        assert page.get_by_role("button", name="Copy a link to this result").is_visible()
+        labels = page.locator(".vpanel:visible [data-testid='label-output-value']").all_inner_texts()
+        # what gr.DeepLinkButton fetches before copying the link to the clipboard
+        link = page.evaluate("""async () => {
+            const r = await fetch(`gradio_api/deep_link?session_hash=${window.__gradio_session_hash__}`);
+            return (await r.text()).replace(/^"|"$/g, ""); }""")
+        assert link
+        again.goto(f"{running_app}?deep_link={link}")
+        again.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 2", timeout=60_000)
+        assert again.locator(".vpanel:visible [data-testid='label-output-value']").all_inner_texts() == labels
+    finally:
+        page.close()
+        again.close()
