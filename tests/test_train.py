@@ -115,7 +115,8 @@ def test_two_process_ddp_ends_with_identical_weights_on_both_ranks(tiny_data, tm
     metrics = json.loads((out / "metrics.json").read_text())
     dist = metrics["distributed"]
     assert dist["world_size"] == 2 and dist["backend"] == "gloo"
-    assert dist["rank_weight_checksums"][0] == dist["rank_weight_checksums"][1]
+    assert len(dist["rank_weight_digests"]) == 2
+    assert dist["rank_weight_digests"][0] == dist["rank_weight_digests"][1]
     # each rank saw half of the 24 training images per epoch: global batch 8 = 2 x 4, 3 steps per epoch
     assert metrics["history"][0]["steps"] == 3
     assert proc.stdout.count("checkpoint written") == 1  # rank 0 only
