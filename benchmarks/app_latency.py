@@ -8,8 +8,10 @@ of 4); "all" adds every wrong variant (a batch of 7). Two levels:
 
 * ``predictor``: ``Predictor.predict`` on an example PNG (decode, one forward
   pass, meter, display pictures);
-* ``api``: ``gradio_client`` calling ``/predict`` on the app served on
-  127.0.0.1 (upload, queue, JSON answer).
+* ``http``: the app served on 127.0.0.1, called through its REST API as
+  curl would (upload, ``POST /gradio_api/call/predict``, read the answer):
+  what one request costs end to end; ``--gradio-client`` adds the same
+  through ``gradio_client``, whose polling adds a fixed ~0.2 s per call.
 
 Goal (issue 4): default ≤ 1.3 × one variant and p50 ≤ 0.25 s.
 """
@@ -45,16 +47,40 @@ def timed(fn, runs: int, warmup: int = 5) -> dict[str, float]:
     return percentiles(samples)
 
 
+class HttpApi:
+    """The app's REST API as curl would use it: upload the file, POST /call/predict, read the result stream."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.client = httpx.Client(base_url=url, timeout=60)
+
+    def predict(self, image: str, variants: list[str]) -> dict:
+        with open(image, "rb") as f:
+            path = self.client.post("gradio_api/upload", files={"files": f}).raise_for_status().json()[0]
+        payload = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, variants]}
+        event = self.client.post("gradio_api/call/predict", json=payload).raise_for_status().json()["event_id"]
+        text = self.client.get(f"gradio_api/call/predict/{event}").raise_for_status().text
+        if "event: complete" not in text:
+            raise RuntimeError(f"the app answered: {text[:300]}")
+        return json.loads(text.split("data:", 1)[1].strip().splitlines()[0])[0]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="checkpoint folder or Hub id (default: as app.py)")
+    p.add_argument("--threads", type=int, help="torch threads (sets CIFAR_TRANSFER_THREADS; default: torch's own)")
     p.add_argument("--runs", type=int, default=60, help="timed calls per case")
     p.add_argument("--image", default=str(ROOT / "examples" / "cat_cifar10-test-00.png"))
     p.add_argument("--no-api", action="store_true", help="only time the predictor in process")
+    p.add_argument("--gradio-client", action="store_true",
+                   help="also time gradio_client calls (its polling adds a fixed ~0.2 s per call)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     if args.checkpoint:
         os.environ["CIFAR_TRANSFER_CHECKPOINT"] = args.checkpoint
+    if args.threads:
+        os.environ["CIFAR_TRANSFER_THREADS"] = str(args.threads)
 
     import torch
 
@@ -68,13 +94,18 @@ def main(argv: list[str] | None = None) -> dict:
     results["levels"]["predictor"] = {name: timed(lambda v=v: predictor.predict(args.image, v), args.runs)
                                       for name, v in cases.items()}
     if not args.no_api:
-        from gradio_client import Client, handle_file
-
         _, url, _ = app.launch(app.demo, host="127.0.0.1", port=None, prevent_thread_lock=True, quiet=True)
         try:
-            client = Client(url, verbose=False)
-            call = lambda v: client.predict(handle_file(args.image), v, api_name="/predict")  # noqa: E731
-            results["levels"]["api"] = {name: timed(lambda v=v: call(v), args.runs) for name, v in cases.items()}
+            http = HttpApi(url)
+            results["levels"]["http"] = {name: timed(lambda v=v: http.predict(args.image, v), args.runs)
+                                         for name, v in cases.items()}
+            if args.gradio_client:
+                from gradio_client import Client, handle_file
+
+                client = Client(url, verbose=False)
+                call = lambda v: client.predict(handle_file(args.image), v, api_name="/predict")  # noqa: E731
+                results["levels"]["gradio_client"] = {name: timed(lambda v=v: call(v), args.runs)
+                                                      for name, v in cases.items()}
         finally:
             app.demo.close()
 

@@ -35,6 +35,10 @@ from .model import CifarTransferModel, atomic_write_bytes, save_checkpoint
 from .runtime import environment_info, pick_device
 
 STATE_NAME = "train_state.pt"
+# Batch for the frozen (no-grad) pass that fills the feature cache. Small batches keep the large
+# early activations in CPU cache: EfficientNet-Lite0 stem + 4 stages at 96 px, 1 thread, measured
+# 132 images/s at batch 16, 128 at 32, 110 at 64 and 95 at 128.
+CACHE_BATCH = 32
 
 
 @dataclass
@@ -319,9 +323,9 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     if cfg.cache_features:
         shard = ds.train if not dist.enabled else ds.train.subset(torch.arange(len(ds.train))[dist.rank::dist.world_size][: len(ds.train) // dist.world_size])
         t0 = time.perf_counter()
-        cache = FeatureCache(prefix, shard, model.preprocess, device, cfg.cache_views, cfg.seed, cfg.eval_batch_size,
+        cache = FeatureCache(prefix, shard, model.preprocess, device, cfg.cache_views, cfg.seed, CACHE_BATCH,
                              cfg.channels_last, cfg.progress and dist.main, augment=True)
-        eval_cache = FeatureCache(prefix, eval_split, model.preprocess, device, 1, cfg.seed, cfg.eval_batch_size,
+        eval_cache = FeatureCache(prefix, eval_split, model.preprocess, device, 1, cfg.seed, CACHE_BATCH,
                                   cfg.channels_last, cfg.progress and dist.main, augment=False) if dist.main else None
         say(f"cached {cfg.cache_views} view(s) of {len(shard)} images -> {tuple(cache.views[0].shape[1:])} in {time.perf_counter() - t0:.0f}s")
         steps_per_epoch = len(shard) // per_rank_batch

@@ -1,0 +1,110 @@
+"""Time to accuracy: the fast CPU recipe beside a plain baseline, in one invocation on one machine.
+
+    python benchmarks/time_to_accuracy.py --data-dir ../shared/datasets/cifar10-jpeg
+
+Runs ``python -m cifar_transfer.train`` twice with the same wall budget:
+
+* recipe:   EfficientNet-Lite0 at 96 px, stem + 4 stages frozen, their features cached
+            for 2 augmented views, the last 3 stages + head fine-tuned (this writes the
+            shipped checkpoint);
+* baseline: full fine-tuning at the native 32x32 input, SGD, no caching.
+
+Each run's per-epoch test accuracy and wall time (from the start of the command,
+data decoding and caching included) come from its own metrics.json. Writes
+``points.csv``, ``summary.json`` and ``time_to_accuracy.png`` to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RECIPE = ["--backbone", "efficientnet_lite0", "--input-size", "96", "--freeze-stages", "5", "--cache-features",
+          "--cache-views", "2", "--epochs", "4", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05",
+          "--label-smoothing", "0.1", "--channels-last"]
+BASELINE = ["--backbone", "efficientnet_lite0", "--input-size", "32", "--freeze-stages", "0", "--epochs", "100",
+            "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05", "--label-smoothing", "0.1", "--no-variants"]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="CIFAR-10 folder (train/ + test/ or cifar-10-batches-py)")
+    p.add_argument("--budget-minutes", type=float, default=28.0,
+                   help="training budget per run (the schedule follows it); the final test evaluation comes on top, "
+                        "and 28 + that evaluation stays under 30 minutes on 2 cores")
+    p.add_argument("--recipe-output", default=str(ROOT / "checkpoints" / "efficientnet_lite0-cifar10"),
+                   help="checkpoint folder the recipe writes")
+    p.add_argument("--out", default=str(ROOT / "results" / "time_to_accuracy"), help="folder for CSV, JSON and PNG")
+    p.add_argument("--runs", nargs="+", default=["recipe", "baseline"], choices=["recipe", "baseline"], help="which runs")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train flags for both runs (e.g. --max-per-class 100)")
+    return p
+
+
+def run(name: str, flags: list[str], args, output: Path) -> dict:
+    cmd = [sys.executable, "-m", "cifar_transfer.train", *flags, "--data-dir", args.data_dir,
+           "--time-budget-minutes", str(args.budget_minutes), "--output", str(output), "--no-progress", *args.extra]
+    print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    metrics = json.loads((output / "metrics.json").read_text())
+    points = [(0.0, None)] + [(h["wall_seconds"] / 60, h.get("test_acc")) for h in metrics["history"]]
+    points.append((metrics["time_to_accuracy_seconds"] / 60, metrics["accuracy"]["correct"]))
+    return {"name": name, "command": metrics["command"], "points": points, "final_accuracy": metrics["accuracy"]["correct"],
+            "time_to_accuracy_minutes": round(metrics["time_to_accuracy_seconds"] / 60, 2),
+            "epochs_done": len(metrics["history"]), "test_size": metrics["test_size"], "environment": metrics["environment"]}
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for r in results:
+        xs = [x for x, y in r["points"] if y is not None]
+        ys = [100 * y for x, y in r["points"] if y is not None]
+        ax.plot(xs, ys, marker="o", label=f"{r['name']}: {100 * r['final_accuracy']:.2f}% in {r['time_to_accuracy_minutes']:.1f} min")
+    ax.axhline(93, color="grey", ls="--", lw=1, label="93% target")
+    ax.axvline(30, color="grey", ls=":", lw=1, label="30 min budget")
+    ax.set_xlabel("wall-clock minutes since the command started (2 CPU cores)")
+    ax.set_ylabel("CIFAR-10 (JPEG copy) test accuracy, %")
+    ax.set_title("Time to accuracy, EfficientNet-Lite0 from ImageNet weights")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> None:
+    args = get_args_parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.runs:
+            flags = RECIPE if name == "recipe" else BASELINE
+            output = Path(args.recipe_output) if name == "recipe" else Path(tmp) / "baseline"
+            results.append(run(name, flags, args, output))
+    with open(out / "points.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "wall_minutes", "test_accuracy"])
+        for r in results:
+            for x, y in r["points"]:
+                if y is not None:
+                    w.writerow([r["name"], f"{x:.2f}", f"{y:.4f}"])
+    (out / "summary.json").write_text(json.dumps({"budget_minutes": args.budget_minutes, "runs": results}, indent=2) + "\n")
+    plot(results, out / "time_to_accuracy.png")
+    for r in results:
+        print(f"{r['name']:<9} {100 * r['final_accuracy']:.2f}% after {r['time_to_accuracy_minutes']:.1f} min ({r['epochs_done']} epochs)")
+    print(f"wrote {out}/points.csv, summary.json, time_to_accuracy.png")
+
+
+if __name__ == "__main__":
+    main()
