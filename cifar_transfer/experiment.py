@@ -146,7 +146,7 @@ class ExperimentConfig:
     backbone_weights: str | None = None
     data_dir: str | None = None
     download: bool = True
-    input_size: int = 48
+    input_size: int = 32
     freeze_stages: int = 0
     max_per_class: int = 550  # training images read per class; val_per_class of them are held out
     val_per_class: int = 50
@@ -395,7 +395,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     panels = [("train_loss", "training loss (moving average)", "linear"),
               (None, "validation accuracy (eval mode)", "linear"),
               ("grad_norm", "gradient norm (moving average)", "log"),
-              ("divergence", "first batch-norm layer: divergence from running stats", "log")]
+              ("divergence", "first batch-norm layer: divergence of the batch from running stats", "log")]
     for ax, (key, title, scale) in zip(axes.flat, panels):
         for name, run in runs.items():
             style = dict(color=colours[name], lw=2.5 if name == CORRECT_KEY else 1.3, label=name)
@@ -403,7 +403,8 @@ def write_plots(results: dict, out: Path) -> list[Path]:
                 xs, ys = run["eval"]["step"], run["eval"]["val_acc"]
                 ax.plot(xs, [None if y is None else 100 * y for y in ys], marker="o", ms=3, **style)
             else:
-                ax.plot(*_smooth(run["steps"][key], window), **style)
+                # divergence spans orders of magnitude: plotted per step, a moving average would smear it
+                ax.plot(*_smooth(run["steps"][key], 1 if key == "divergence" else window), **style)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_yscale(scale)
