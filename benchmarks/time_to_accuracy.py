@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RECIPE = ["--backbone", "efficientnet_lite0", "--input-size", "96", "--freeze-stages", "5", "--cache-features",
           "--cache-views", "2", "--epochs", "4", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05",
-          "--label-smoothing", "0.1", "--channels-last"]
+          "--label-smoothing", "0.1", "--channels-last", "--eval-batch-size", "32"]
 BASELINE = ["--backbone", "efficientnet_lite0", "--input-size", "32", "--freeze-stages", "0", "--epochs", "100",
             "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05", "--label-smoothing", "0.1", "--no-variants"]
 
