@@ -4,8 +4,8 @@
 
 Runs ``python -m cifar_transfer.train`` twice with the same wall budget:
 
-* recipe:   EfficientNet-Lite0 at 96 px, stem + 4 stages frozen, their features cached
-            for 2 augmented views, the last 3 stages + head fine-tuned (this writes the
+* recipe:   EfficientNet-Lite0 at 128 px, stem + 4 stages frozen, their features cached
+            for 3 augmented views, the last 3 stages + head fine-tuned (this writes the
             shipped checkpoint);
 * baseline: full fine-tuning at the native 32x32 input, SGD, no caching.
 
@@ -26,9 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RECIPE = ["--backbone", "efficientnet_lite0", "--input-size", "96", "--freeze-stages", "5", "--cache-features",
-          "--cache-views", "2", "--epochs", "4", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05",
-          "--label-smoothing", "0.1", "--channels-last", "--eval-batch-size", "32"]
+RECIPE = ["--backbone", "efficientnet_lite0", "--input-size", "128", "--freeze-stages", "5", "--cache-features",
+          "--cache-views", "3", "--epochs", "6", "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05",
+          "--label-smoothing", "0.1", "--channels-last", "--eval-batch-size", "32", "--tta-flip"]
 BASELINE = ["--backbone", "efficientnet_lite0", "--input-size", "32", "--freeze-stages", "0", "--epochs", "100",
             "--batch-size", "128", "--optimizer", "sgd", "--lr", "0.05", "--label-smoothing", "0.1", "--no-variants"]
 

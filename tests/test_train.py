@@ -34,7 +34,7 @@ def test_every_flag_has_help_text():
         assert action.help, action.option_strings
 
 
-def test_short_training_on_real_cifar_subset_learns(shared_data, tmp_path):
+def test_short_training_on_shared_cifar10_subset_learns(shared_data, tmp_path):
     out = tmp_path / "ck"
     run_train(["--backbone", "efficientnet_lite0", "--data-dir", shared_data, "--classes", "cat", "ship", "frog",
                "--max-per-class", "100", "--max-test-per-class", "50", "--input-size", "64", "--freeze-stages", "4",
