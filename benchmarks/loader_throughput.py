@@ -12,12 +12,16 @@ images/second for both and their ratio (target: loader >= 5x train step).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from cifar_transfer.data import BatchLoader, Split
-from cifar_transfer.model import CifarTransferModel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from cifar_transfer.data import BatchLoader, Split  # noqa: E402
+from cifar_transfer.model import CifarTransferModel  # noqa: E402
 
 
 def images_per_second(fn, n_images: int, repeats: int) -> float:
