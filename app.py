@@ -11,12 +11,12 @@ loaded once, when the module-level ``demo`` is built.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import html
 import logging
 import math
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
@@ -24,9 +24,11 @@ import torch
 
 from cifar_transfer.contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, variant_explanation, variant_title
 from cifar_transfer.experiment import build_experiment_tab
+from cifar_transfer.gradio_inputs import PathCheckedImage, UncheckedChoices
 from cifar_transfer.hub import resolve_checkpoint
 from cifar_transfer.model import CheckpointError, read_metrics
-from cifar_transfer.predictor import ImageInputError, Predictor, VariantError
+from cifar_transfer.predictor import ImageInputError, Predictor, VariantError, shorten
+from cifar_transfer.uploads import UploadGuard, UploadJanitor, upload_folder
 
 log = logging.getLogger("cifar_transfer.app")
 
@@ -49,6 +51,8 @@ CSS = """
 .meter-chip { color: #fff; border-radius: 999px; padding: 1px 10px; font-weight: 600; }
 .meter-bar { height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; margin: 6px 0; }
 .meter-fill { height: 100%; }
+.problem-box { border: 2px solid #b71c1c; background: #fff5f5; color: #4a0000; border-radius: 10px; padding: 10px 14px; }
+.problem-box p { margin: 4px 0 0; }
 .warning-badge { background: #c62828; color: #fff; border-radius: 10px; padding: 10px 14px; font-weight: 600; }
 .accuracy { font-size: 0.9em; }
 .pixelated img { image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%; }
@@ -61,27 +65,30 @@ CSS = """
 """
 
 
-def raw_payload(payload):
-    """What the predictor gets from the image input: the uploaded file's path (or pasted bytes), unopened.
+def checked_path(guard: UploadGuard):
+    """What the image input does with a path: the admitted file, or the refusal to report.
 
-    Gradio's own ``gr.Image.preprocess`` opens uploads with Pillow and fails on a
-    bad file with an unclear message; the predictor checks every case itself.
+    Every route (the page, ``/call``, ``/run``, ``/queue/join``) preprocesses through
+    :class:`PathCheckedImage`, so this is the one place a path is checked.
     """
-    if payload is None:
-        return None
-    if payload.url and payload.url.startswith("data:"):
+
+    def check(path):
         try:
-            return base64.b64decode(payload.url.split(",", 1)[1], validate=True)
-        except (IndexError, binascii.Error):
-            raise gr.Error("The pasted image data could not be read.") from None
-    return payload.path
+            return guard.check(path)
+        except PermissionError as exc:
+            log.warning("refused a path outside the upload folder and examples: %s", shorten(path, 200))
+            return ImageInputError(str(exc))
+
+    return check
 
 
-def raw_image(**kwargs) -> gr.Image:
-    """A ``gr.Image`` input whose value reaches the function through :func:`raw_payload`."""
-    image = gr.Image(type="filepath", **kwargs)
-    image.preprocess = raw_payload  # per instance: a subclass would make Gradio write an app.pyi stub
-    return image
+def public_name(ref: str | Path) -> str:
+    """How the page names a checkpoint: repo-relative for a folder in the repo, its name elsewhere, a Hub id as is."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        return str(ref)
+    path = path.resolve()
+    return str(path.relative_to(HERE)) if path.is_relative_to(HERE) else path.name
 
 
 # -- rendering ------------------------------------------------------------------------
@@ -125,6 +132,12 @@ def accuracy_markdown(accuracy: float | None, test_size: int | None) -> str:
     return f"Measured test accuracy with this preprocessing: **{100 * accuracy:.1f}%**{size}."
 
 
+def problem_html(title: str, message: str) -> str:
+    """A refusal shown in place of the panels (``message`` is the plain text the API caller gets too)."""
+    return (f'<div class="problem-box" role="alert"><strong>{html.escape(title)}</strong>'
+            f'<p>{html.escape(message)}</p></div>')
+
+
 def warning_html(text: str) -> str:
     return f'<div class="warning-badge" role="alert">⚠ {html.escape(text)}</div>'
 
@@ -133,11 +146,33 @@ def warning_html(text: str) -> str:
 
 
 def load_predictor(checkpoint: str | None = None, revision: str | None = None) -> tuple[Predictor, str]:
+    """The predictor and a one-line note on where its checkpoint came from, without server paths."""
     ref = checkpoint or os.environ.get("CIFAR_TRANSFER_CHECKPOINT") or str(EMBEDDED_CHECKPOINT)
     revision = revision or os.environ.get("CIFAR_TRANSFER_REVISION") or None
     folder, model, note = resolve_checkpoint(ref, revision=revision, fallback=EMBEDDED_CHECKPOINT)
     log.info(note)
+    for path in sorted({str(Path(ref).expanduser()), str(folder), str(EMBEDDED_CHECKPOINT)}, key=len, reverse=True):
+        if Path(path).exists():
+            note = note.replace(path, public_name(path))
     return Predictor(model, read_metrics(folder)), note
+
+
+class LastErrors:
+    """The last refusal per browser session, for the page to show in place (bounded)."""
+
+    def __init__(self, size: int = 1024):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def put(self, session: str | None, title: str, message: str) -> None:
+        with self._lock:
+            self._items[session] = (title, message)
+            self._items.move_to_end(session)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def pop(self, session: str | None) -> tuple[str, str] | None:
+        with self._lock:
+            return self._items.pop(session, None)
 
 
 def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr.Blocks:
@@ -146,26 +181,39 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
     if threads:
         torch.set_num_threads(int(threads))
     predictor, note = load_predictor(checkpoint, revision)
+    guard = UploadGuard([upload_folder(), EXAMPLES])
+    errors = LastErrors()
 
-    def predict(image, variants):
+    def refuse(request: gr.Request | None, title: str, message: str):
+        errors.put(getattr(request, "session_hash", None), title, message)
+        # Gradio renders the message as HTML: escape what came from the visitor (a file name). The
+        # page shows it in place (Gradio's pop-up would title it "Error"); API callers get it here.
+        raise gr.Error(html.escape(message, quote=False), title=title, print_exception=False, visible=False)
+
+    def predict(image, variants, request: gr.Request = None):
         """Classify one image under the correct contract and each chosen wrong variant (one batched pass).
 
         Returns JSON: {"variants": [{key, title, explanation, label, confidences, meter, accuracy}, ...],
         "warning", "notes"}; the first variant is always "correct". ``null`` when no image is given.
+        ``variants`` ``null`` means the default ones.
         """
         if image is None:
             return None, None
         try:
-            result = predictor.predict(image, variants if variants is not None else list(DEFAULT_DEMO_VARIANTS))
-        except (ImageInputError, VariantError) as exc:
+            if isinstance(image, Exception):  # refused by the input's preprocess (see checked_path)
+                raise ImageInputError(str(image))
+            result = predictor.predict(image, variants)
+        except ImageInputError as exc:
             log.info("refused input: %s", exc)
-            # Gradio renders the message as HTML: escape what came from the visitor (a file name).
-            raise gr.Error(html.escape(str(exc), quote=False), title="Cannot classify this input",
-                           print_exception=False) from None
+            refuse(request, "Cannot classify this input", str(exc))
+        except VariantError as exc:
+            log.info("refused variants: %s", exc)
+            refuse(request, "Unknown variant", str(exc))
         except Exception:
             log.exception("prediction failed")
-            raise gr.Error("Something went wrong while classifying this image; please try another one.") from None
-        return result.to_dict(), [v.seen for v in result.variants]
+            refuse(request, "Something went wrong", "Something went wrong while classifying this image; please try another one.")
+        answer = result.to_dict()
+        return answer, {"result": answer, "pictures": [v.seen for v in result.variants]}
 
     with gr.Blocks(title="Normalization is a contract", analytics_enabled=False) as demo:
         gr.Markdown(
@@ -176,13 +224,14 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
         with gr.Tab("Demo"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=280):
-                    image = raw_image(sources=["upload", "webcam", "clipboard"], label="Your image", height=280,
+                    image = PathCheckedImage(check_path=checked_path(guard), sources=["upload", "webcam", "clipboard"], label="Your image", height=280,
                                      elem_classes="pixelated")
                     gr.Examples([[str(p)] for p in sorted(EXAMPLES.glob("*.png"))], inputs=[image],
                                 label="Examples: CIFAR-10 test images (click one)", examples_per_page=8)
                 with gr.Column(scale=1, min_width=280):
-                    variants = gr.CheckboxGroup([(v.title, k) for k, v in WRONG_VARIANTS.items()],
-                                                value=list(DEFAULT_DEMO_VARIANTS), label="Wrong variants to compare")
+                    variants = UncheckedChoices(choices=[(v.title, k) for k, v in WRONG_VARIANTS.items()],
+                                           value=list(DEFAULT_DEMO_VARIANTS), label="Wrong variants to compare")
+            problem = gr.HTML(visible=False, elem_classes="problem")
             badge = gr.HTML(visible=False)
             notes = gr.Markdown(visible=False)
             columns, labels, seens, meters = [], [], [], []
@@ -200,9 +249,9 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
                         gr.Markdown(accuracy_markdown(predictor.accuracy.get(key), predictor.test_size),
                                     elem_classes="accuracy")
                     columns.append(column)
-            gr.DeepLinkButton("Copy a link to this result", size="md")
+            gr.DeepLinkButton("Copy a link to this result", size="md", icon=None)  # Gradio's icon shows a server path in /config
             gr.Markdown(contract_markdown(predictor))
-            gr.Markdown(f"<small>Checkpoint: {html.escape(note)}</small>")
+            gr.Markdown(f"<small>Checkpoint: {html.escape(note)}</small>")  # no server paths: see load_predictor
             with gr.Accordion("The API's JSON answer", open=False):
                 raw = gr.JSON(label="JSON")
             shown = gr.State()
@@ -210,10 +259,12 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
         with gr.Tab("Does it matter? (measured)"):
             build_experiment_tab()
 
-        def render(result, pictures, chosen):
-            chosen = set(chosen or ())
+        def render(shown_value, chosen, problem_html=None):
+            """The panels, from the server-side state only (never from what a client sends as JSON)."""
+            chosen = {k for k in chosen if isinstance(k, str)} if isinstance(chosen, list) else set(DEFAULT_DEMO_VARIANTS)
+            result, pictures = (shown_value or {}).get("result"), (shown_value or {}).get("pictures")
             if not result:
-                return [gr.HTML(visible=False), gr.Markdown(visible=False),
+                return [gr.HTML(problem_html or "", visible=bool(problem_html)), gr.HTML(visible=False), gr.Markdown(visible=False),
                         *(gr.Column(visible=k == CORRECT_KEY or k in chosen) for k in PANEL_KEYS),
                         *([None] * len(PANEL_KEYS) * 3)]
             by_key = {v["key"]: (v, pic) for v, pic in zip(result["variants"], pictures)}
@@ -224,25 +275,36 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
                 out_seens.append(pic)
                 out_meters.append(meter_html(v["meter"]) if v else None)
             warning = result.get("warning")
-            return [gr.HTML(warning_html(warning) if warning else "", visible=bool(warning)),
+            return [gr.HTML(visible=False), gr.HTML(warning_html(warning) if warning else "", visible=bool(warning)),
                     gr.Markdown("\n".join(f"- {n}" for n in result.get("notes", [])), visible=bool(result.get("notes"))),
                     *(gr.Column(visible=k in by_key) for k in PANEL_KEYS), *out_labels, *out_seens, *out_meters]
 
-        panel_outputs = [badge, notes, *columns, *labels, *seens, *meters]
+        def render_refusal(chosen, request: gr.Request = None):
+            last = errors.pop(getattr(request, "session_hash", None))
+            return render(None, chosen, problem_html(*last) if last else None)
+
+        panel_outputs = [problem, badge, notes, *columns, *labels, *seens, *meters]
         event = gr.on([image.change, variants.change], predict, inputs=[image, variants], outputs=[raw, shown],
                       api_name="predict", trigger_mode="always_last", concurrency_limit=CONCURRENCY,
                       show_progress="minimal")
-        event.success(render, inputs=[raw, shown, variants], outputs=panel_outputs, queue=False,
+        event.success(render, inputs=[shown, variants], outputs=panel_outputs, queue=False,
                       api_visibility="private", show_progress="hidden")
-        event.failure(lambda chosen: render(None, None, chosen), inputs=[variants], outputs=panel_outputs,
+        event.failure(render_refusal, inputs=[variants], outputs=panel_outputs,
                       queue=False, api_visibility="private", show_progress="hidden")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
     demo.predictor = predictor
+    demo.janitor = UploadJanitor(upload_folder(), keep=lambda: set().union(
+        *(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values())))
     return demo
 
 
 def launch(app: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
-    """``app.launch`` with this demo's styling and limits (Gradio 6 takes css/theme here)."""
+    """``app.launch`` with this demo's styling and limits (Gradio 6 takes css/theme here).
+
+    Also starts the upload janitor (bounded disk use for uploads, see ``cifar_transfer.uploads``).
+    """
+    if getattr(app, "janitor", None) is not None:
+        app.janitor.start()
     return app.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
                       max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], **kwargs)
 
@@ -250,8 +312,9 @@ def launch(app: gr.Blocks, host: str | None = None, port: int | None = None, sha
 def get_args_parser() -> argparse.ArgumentParser:
     env = os.environ.get
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=env("CIFAR_TRANSFER_CHECKPOINT", str(EMBEDDED_CHECKPOINT)),
-                   help="checkpoint folder or Hugging Face Hub repo id [$CIFAR_TRANSFER_CHECKPOINT]")
+    p.add_argument("--checkpoint", default=env("CIFAR_TRANSFER_CHECKPOINT"),
+                   help="checkpoint folder or Hugging Face Hub repo id; default: the embedded "
+                        f"{EMBEDDED_CHECKPOINT.relative_to(HERE)} [$CIFAR_TRANSFER_CHECKPOINT]")
     p.add_argument("--revision", default=env("CIFAR_TRANSFER_REVISION"), help="Hub revision [$CIFAR_TRANSFER_REVISION]")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="address to listen on [$GRADIO_SERVER_NAME]")
     p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="port [$GRADIO_SERVER_PORT]")

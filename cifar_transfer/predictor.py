@@ -40,6 +40,15 @@ class VariantError(ValueError):
     """An unknown variant key was asked for."""
 
 
+MAX_VARIANT_ITEMS = 2 * (len(WRONG_VARIANTS) + 1)  # every key twice over is still a sensible request
+
+
+def shorten(value: Any, limit: int = 40) -> str:
+    """``repr`` of what a caller sent, cut to ``limit`` characters (never echo a megabyte back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 # -- reading images ------------------------------------------------------------------
 
 
@@ -239,11 +248,24 @@ class Predictor:
 
     @staticmethod
     def variant_keys(variants: Iterable[str] | None) -> list[str]:
-        """``["correct", *chosen]`` in the canonical order; unknown keys raise :class:`VariantError`."""
-        chosen = list(DEFAULT_DEMO_VARIANTS if variants is None else variants)
-        unknown = [k for k in chosen if k not in WRONG_VARIANTS and k != CORRECT_KEY]
+        """``["correct", *chosen]`` in the canonical order; ``None`` means the defaults.
+
+        Anything else than a list of known keys raises :class:`VariantError` with a
+        short message (what a caller sent is quoted at most 40 characters long).
+        """
+        if variants is None:
+            chosen = list(DEFAULT_DEMO_VARIANTS)
+        elif isinstance(variants, (list, tuple)):
+            chosen = list(variants)
+        else:
+            raise VariantError(f"The variants must be a list of keys, e.g. [\"bgr\"], not {shorten(variants)}; "
+                               f"choose from {', '.join(WRONG_VARIANTS)}.")
+        if len(chosen) > MAX_VARIANT_ITEMS:
+            raise VariantError(f"At most {MAX_VARIANT_ITEMS} variants can be asked for at once; got {len(chosen)}.")
+        unknown = [k for k in chosen if not (isinstance(k, str) and (k in WRONG_VARIANTS or k == CORRECT_KEY))]
         if unknown:
-            raise VariantError(f"Unknown variant(s) {', '.join(map(repr, unknown))}; choose from {', '.join(WRONG_VARIANTS)}.")
+            shown = ", ".join(shorten(k) for k in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+            raise VariantError(f"Unknown variant {shown}; choose from {', '.join(WRONG_VARIANTS)}.")
         return [CORRECT_KEY, *(k for k in WRONG_VARIANTS if k in chosen)]
 
     def predict(self, image: Any, variants: Iterable[str] | None = None) -> Prediction:

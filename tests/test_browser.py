@@ -85,16 +85,25 @@ def test_click_example_fills_every_panel(browser, running_app, name):
 
 
 def test_bad_upload_shows_an_error_and_the_page_recovers(browser, running_app, tmp_path):
+    """The refusal shows in place, under the app's own title, also when it follows a good result."""
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nthis file stops here")
     page = browser.new_page(viewport={"width": 1280, "height": 800})
+    problem = page.locator(".problem-box")
     try:
         page.goto(running_app)
         page.locator("button.gallery-item").first.wait_for(timeout=60_000)
         page.locator("input[type=file]").first.set_input_files(str(bad))
-        page.get_by_text(re.compile("not an image this app can read|damaged|truncated")).first.wait_for(timeout=60_000)
+        problem.wait_for(timeout=60_000)
+        assert problem.get_attribute("role") == "alert"
+        assert "Cannot classify this input" in problem.inner_text()
+        assert re.search("not an image this app can read|damaged|truncated", problem.inner_text())
         page.locator("button.gallery-item").nth(2).click()
         page.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 2", timeout=60_000)
+        assert not problem.is_visible()
+        page.locator("input[type=file]").first.set_input_files(str(bad))  # a bad upload after a good result
+        problem.wait_for(timeout=60_000)
+        assert "Cannot classify this input" in problem.inner_text()
     finally:
         page.close()
 
