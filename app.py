@@ -4,7 +4,9 @@
 
 The same settings come from environment variables (for a Hugging Face Space):
 CIFAR_TRANSFER_CHECKPOINT, CIFAR_TRANSFER_REVISION, GRADIO_SERVER_NAME,
-GRADIO_SERVER_PORT, CIFAR_TRANSFER_SHARE, CIFAR_TRANSFER_THREADS. The model is
+GRADIO_SERVER_PORT, CIFAR_TRANSFER_SHARE, CIFAR_TRANSFER_THREADS; the upload folder's
+bounds (see cifar_transfer/uploads.py) from CIFAR_TRANSFER_PARTIAL_UPLOAD_AGE_S,
+CIFAR_TRANSFER_UPLOAD_AGE_S, CIFAR_TRANSFER_UPLOAD_MAX_MB, CIFAR_TRANSFER_UPLOAD_SWEEP_S. The model is
 loaded once, when the module-level ``demo`` is built.
 """
 
@@ -28,7 +30,8 @@ from cifar_transfer.gradio_inputs import PathCheckedImage, UncheckedChoices
 from cifar_transfer.hub import resolve_checkpoint
 from cifar_transfer.model import CheckpointError, read_metrics
 from cifar_transfer.predictor import ImageInputError, Predictor, VariantError, shorten
-from cifar_transfer.uploads import UploadGuard, UploadJanitor, upload_folder
+from cifar_transfer.uploads import (MAX_BYTES, PARTIAL_AGE_S, SWEEP_EVERY_S, UPLOAD_AGE_S, UploadGuard, UploadJanitor,
+                                    upload_folder)
 
 log = logging.getLogger("cifar_transfer.app")
 
@@ -293,8 +296,13 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
                       queue=False, api_visibility="private", show_progress="hidden")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
     demo.predictor = predictor
-    demo.janitor = UploadJanitor(upload_folder(), keep=lambda: set().union(
-        *(getattr(block, "keep_in_cache", set()) for block in demo.blocks.values())))
+    env = os.environ.get
+    demo.janitor = UploadJanitor(
+        upload_folder(), keep=lambda: set().union(*(getattr(b, "keep_in_cache", set()) for b in demo.blocks.values())),
+        partial_age=float(env("CIFAR_TRANSFER_PARTIAL_UPLOAD_AGE_S", PARTIAL_AGE_S)),
+        upload_age=float(env("CIFAR_TRANSFER_UPLOAD_AGE_S", UPLOAD_AGE_S)),
+        max_bytes=int(float(env("CIFAR_TRANSFER_UPLOAD_MAX_MB", MAX_BYTES / 2**20)) * 2**20),
+        every=float(env("CIFAR_TRANSFER_UPLOAD_SWEEP_S", SWEEP_EVERY_S)))
     return demo
 
 
