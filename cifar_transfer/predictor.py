@@ -59,26 +59,57 @@ def load_image(source: Any, work_size: int = 384, notes: list[str] | None = None
     most about ``2 * work_size`` pixels a side; the contract's own resize comes
     later. Messages about what was done (first frame of an animation, ...) are
     appended to ``notes``.
+
+    Files and bytes are decoded only as one of :data:`ALLOWED_FORMATS` (never
+    EPS, which Pillow would hand to Ghostscript, nor any other format), and
+    images with more than ``Image.MAX_IMAGE_PIXELS`` pixels are refused from
+    their header, before their pixels are allocated. Every failure, whatever
+    Pillow raised, becomes an :class:`ImageInputError` with a plain message
+    that quotes neither Pillow's internals nor a server path.
     """
     notes = notes if notes is not None else []
     if source is None:
         raise ImageInputError("No image was given. Upload a photo, take one with the camera or paste one.")
-    if isinstance(source, np.ndarray):
-        img = _from_array(source)
-    elif isinstance(source, Image.Image):
-        img = source
-    else:
-        img = _open(source)
-    img = _first_frame(img, notes)
-    if img.format == "JPEG":
-        img.draft(None, (work_size, work_size))
     try:
+        if isinstance(source, np.ndarray):
+            img = _from_array(source)
+        elif isinstance(source, Image.Image):
+            img = source
+        else:
+            img = _open(source)
+        img = _first_frame(img, notes)
+        _check_pixels(img)
+        tiff = img.format == "TIFF"
+        orientation = _orientation(img, notes) if tiff else None  # Pillow applies a TIFF's own while decoding
+        if img.format in ("JPEG", "MPO"):
+            img.draft(None, (work_size, work_size))
         img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageInputError(f"The image file is truncated or corrupt and cannot be decoded ({exc}).") from None
-    img = _upright(img, notes)
-    img = to_rgb(img)
-    return _square_pixels(img, work_size)
+        if not tiff:
+            orientation = _orientation(img, notes)  # after load: a PNG's EXIF may follow its pixels
+        img = _upright(img, orientation, notes)
+        img = to_rgb(img)
+        return _square_pixels(img, work_size)
+    except ImageInputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a decoder raises, the cause is the file a visitor sent
+        raise ImageInputError(_decode_failure(exc, "The image file")) from None
+
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # Pillow format ids; nothing else is ever decoded
+_FORMAT_LABELS = {"WEBP": "WebP"}
+# Formats Pillow can recognise from the first bytes (its plugins' ``_accept`` checks, no decoding), as told to a visitor.
+_FORMAT_NAMES = {
+    "EPS": "an EPS (PostScript) file", "ICO": "a Windows icon (ICO) file", "CUR": "a Windows cursor (CUR) file",
+    "PSD": "a Photoshop (PSD) document", "PPM": "a Netpbm (PPM/PGM/PBM) image", "JPEG2000": "a JPEG 2000 image",
+    "AVIF": "an AVIF image", "ICNS": "a macOS icon (ICNS) file", "DDS": "a DirectDraw (DDS) texture",
+    "QOI": "a QOI image", "PCX": "a PCX image", "DCX": "a DCX image", "SGI": "an SGI image", "FITS": "a FITS file",
+    "XBM": "an XBM bitmap", "XPM": "an XPM pixmap", "WMF": "a Windows metafile (WMF/EMF)", "MPEG": "an MPEG video",
+    "FLI": "an FLI/FLC animation", "BLP": "a BLP texture",
+}
+_NO_NAMING = {"DIB"}  # its header check is too loose to name a file after it
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs")
+_METADATA_TOO_LARGE = ("The image's embedded metadata (a text or colour-profile chunk) is too large to read safely. "
+                       "Please save the picture again without metadata, or send another one.")
 
 
 def _open(source: Any) -> Image.Image:
@@ -87,7 +118,7 @@ def _open(source: Any) -> Image.Image:
         name = "The uploaded data"
     else:
         path = Path(source)
-        name = f"The file {path.name!r}"
+        name = f"The file {_shown_name(path.name)}"
         if not path.is_file():
             raise ImageInputError(f"{name} does not exist.")
         size = path.stat().st_size
@@ -100,18 +131,82 @@ def _open(source: Any) -> Image.Image:
         raise ImageInputError(f"{name} is {len(data) / 2**20:.0f} MB; the limit is {MAX_FILE_BYTES // 2**20} MB.")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ImageInputError(_too_many_pixels(None)) from None
+            warnings.simplefilter("ignore")  # DecompressionBombWarning (checked below), corrupt-EXIF warnings
+            return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageInputError(f"{name} is not an image this app can read. Please use a {SUPPORTED} file.") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageInputError(f"{name} looks like an image but is damaged ({exc}).") from None
+        raise ImageInputError(_unreadable(name, data)) from None
+    except Exception as exc:  # noqa: BLE001 - see load_image
+        raise ImageInputError(_decode_failure(exc, name, data)) from None
+
+
+def _shown_name(name: str, limit: int = 60) -> str:
+    """A visitor's file name as quoted in a message: ``repr`` (control characters escaped), long ones shortened."""
+    if len(name) > limit:
+        name = name[: limit - 16] + "…" + name[-15:]
+    return repr(name)
+
+
+def _header_format(data: bytes, formats: Iterable[str]) -> str | None:
+    """The first of ``formats`` whose Pillow plugin accepts the file's first bytes (a header check, no decoding)."""
+    Image.init()
+    prefix = data[:16]
+    for fmt in formats:
+        factory_accept = Image.OPEN.get(fmt)
+        accept = factory_accept[1] if factory_accept else None
+        try:
+            if accept is not None and accept(prefix) is True:
+                return fmt
+        except Exception:  # noqa: BLE001, S112 - a header check that fails names nothing
+            continue
+    return None
+
+
+def _other_format(data: bytes) -> str | None:
+    """What a file that is no image this app reads is, when its first bytes say so plainly; else ``None``."""
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        return "a HEIC/HEIF photo (an iPhone's default format; export it as JPEG)"
+    if data.startswith(b"%PDF-"):
+        return "a PDF document"
+    if data.startswith(b"PK\x03\x04"):
+        return "a ZIP archive"
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if b"<svg" in head and head.startswith((b"<svg", b"<?xml", b"<!doctype svg", b"<!--")):
+        return "an SVG drawing"
+    if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<script")):
+        return "an HTML page"
+    fmt = _header_format(data, (f for f in Image.OPEN if f not in ALLOWED_FORMATS and f not in _NO_NAMING))
+    return _FORMAT_NAMES.get(fmt, f"a {fmt} file") if fmt else None
+
+
+def _unreadable(name: str, data: bytes) -> str:
+    """Message for a file no allowed format would open: damaged, another format, or no image at all."""
+    if _header_format(data, ALLOWED_FORMATS):
+        return _decode_failure(None, name, data)
+    other = _other_format(data)
+    if other:
+        return f"{name} is {other}, a format this app does not read. Please use a {SUPPORTED} file."
+    return f"{name} is not an image this app can read. Please use a {SUPPORTED} file."
+
+
+def _decode_failure(exc: BaseException | None, name: str, data: bytes | None = None) -> str:
+    """A plain message for a file that failed while being opened or decoded (Pillow's text goes to the log only)."""
+    if exc is not None:
+        log.info("image refused: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, Image.DecompressionBombError):
+        return _too_many_pixels(None)
+    if isinstance(exc, MemoryError):
+        return "The image is too large to decode on this server. Please send a smaller image."
+    if isinstance(exc, ValueError) and ("MAX_TEXT" in str(exc) or "text chunks" in str(exc)):
+        return _METADATA_TOO_LARGE
+    fmt = _header_format(data, ALLOWED_FORMATS) if data else None
+    what = f"looks like a {_FORMAT_LABELS.get(fmt, fmt)} image but " if fmt else ""
+    return f"{name} {what}is truncated or corrupt and cannot be decoded."
+
+
+def _check_pixels(img: Image.Image) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and img.width * img.height > limit:
         raise ImageInputError(_too_many_pixels(img.size))
-    return img
 
 
 def _too_many_pixels(size: tuple[int, int] | None) -> str:
@@ -131,7 +226,14 @@ def _from_array(arr: np.ndarray) -> Image.Image:
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
-    """Scale 16-bit, 32-bit or float samples to 0..255 (floats in [0, 1] are read as fractions)."""
+    """Scale 16-bit, 32-bit or float samples to 0..255 (floats in [0, 1] are read as fractions).
+
+    NaN or infinite samples are refused: they have no colour, and scaling and
+    clipping them would silently give a black (or white) picture.
+    """
+    if not np.isfinite(values).all():
+        raise ImageInputError("The image holds invalid pixel values (NaN or infinity), so its colours are undefined "
+                              "and it cannot be classified. Please export it again as an ordinary 8- or 16-bit image.")
     hi = float(values.max()) if values.size else 0.0
     if hi <= 1.0:
         values = values * 255.0
@@ -148,16 +250,32 @@ def _first_frame(img: Image.Image, notes: list[str]) -> Image.Image:
     return img
 
 
-def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
+_ORIENTATIONS = range(2, 9)  # EXIF orientation values that mean a flip and/or rotation (1: as stored)
+
+
+def _orientation(img: Image.Image, notes: list[str]) -> Any:
+    """The EXIF orientation tag as stored (``None`` when the EXIF data cannot be read)."""
     try:
-        orientation = img.getexif().get(0x0112, 1)
+        return img.getexif().get(0x0112, 1)
     except Exception:  # noqa: BLE001 - malformed EXIF: keep the pixels as stored
         notes.append("The image's EXIF data is unreadable; its orientation tag was ignored.")
+        return None
+
+
+def _upright(img: Image.Image, orientation: Any, notes: list[str]) -> Image.Image:
+    """Apply a valid EXIF orientation (2..8); any other value is ignored, and a note says so."""
+    if orientation is None or (type(orientation) is int and orientation == 1):
         return img
-    if orientation in (None, 1):
+    if type(orientation) is not int or orientation not in _ORIENTATIONS:
+        shown = f" ({orientation})" if type(orientation) is int else ""
+        notes.append(f"The image's EXIF orientation tag has an invalid value{shown}; it was ignored and the "
+                     "image is used as stored.")
         return img
     try:
-        upright = ImageOps.exif_transpose(img)
+        if img.getexif().get(0x0112) != orientation:  # Pillow applied it while decoding (TIFF) and dropped the tag
+            upright = img
+        else:
+            upright = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001
         notes.append("The image's EXIF orientation could not be applied.")
         return img
@@ -171,7 +289,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float64))).convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32))).convert("RGB")
     if (mode == "P" and "transparency" in img.info) or mode in ("PA", "LA", "La", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":
