@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ log = logging.getLogger("cifar_transfer.app")
 HERE = Path(__file__).resolve().parent
 EMBEDDED_CHECKPOINT = HERE / "checkpoints" / "efficientnet_lite0-cifar10"
 EXAMPLES = HERE / "examples"
+EXAMPLE_FILES = sorted(EXAMPLES.glob("*.png"))
 PANEL_KEYS = [CORRECT_KEY, *WRONG_VARIANTS]
 # Queue: one forward pass runs at a time (the predictor's lock; on a small CPU that is also the
 # fastest), a second request may decode its image and encode its answer meanwhile.
@@ -46,26 +48,73 @@ QUEUE_SIZE = int(os.environ.get("CIFAR_TRANSFER_QUEUE_SIZE", "128"))
 MAX_UPLOAD = "25mb"
 
 CSS = """
-.panels { flex-wrap: wrap !important; gap: 12px; }
+.verdict { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 8px 12px; }
+.verdict h2 { font-size: 1.05rem; margin: 0 0 4px; }
+.verdict ul { list-style: none; margin: 0; padding: 0; }
+.verdict li { padding: 3px 0; line-height: 1.35; }
+.verdict-name { color: var(--body-text-color); }
+.verdict-tag { font-size: 0.85em; border-radius: 999px; padding: 0 8px; white-space: nowrap; }
+.verdict-same .verdict-tag { background: #e8f5e9; color: #1b5e20; }
+.verdict-changed .verdict-tag { background: #ffebee; color: #8e0000; font-weight: 600; }
+.panels { display: grid !important; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 12px; }
+.panels > .vpanel { min-width: 0 !important; width: auto !important; }
 .vpanel { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 10px !important; }
 .vpanel.correct { border: 2px solid #2e7d32; }
+.vpanel h2 { font-size: 1.05rem; margin: 0 0 4px; }
+.caption p { margin: 0; font-size: 0.9em; }
 .meter { font-size: 0.9em; line-height: 1.35; }
 .meter-top { display: flex; justify-content: space-between; align-items: baseline; gap: 8px; }
-.meter-chip { color: #fff; border-radius: 999px; padding: 1px 10px; font-weight: 600; }
+.meter-chip { border-radius: 999px; padding: 1px 10px; font-weight: 600; }
+.meter-chip.level-ok { background: #1b5e20; color: #fff; }
+.meter-chip.level-drifting { background: #f9a825; color: #1a1a1a; }
+.meter-chip.level-broken { background: #b71c1c; color: #fff; }
 .meter-bar { height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; margin: 6px 0; }
 .meter-fill { height: 100%; }
+.values { margin-top: 4px; color: var(--body-text-color-subdued); }
 .problem-box { border: 2px solid #b71c1c; background: #fff5f5; color: #4a0000; border-radius: 10px; padding: 10px 14px; }
 .problem-box p { margin: 4px 0 0; }
-.warning-badge { background: #c62828; color: #fff; border-radius: 10px; padding: 10px 14px; font-weight: 600; }
+.warning-badge { background: #b71c1c; color: #fff; border-radius: 10px; padding: 10px 14px; font-weight: 600; }
+.link-note:empty { display: none; }
+button[role="tab"].selected { color: var(--primary-700) !important; }
+.link-note { margin: 0; font-weight: 600; }
 .accuracy { font-size: 0.9em; }
 .pixelated img { image-rendering: pixelated; object-fit: contain; width: 100%; height: 100%; }
+.seen img { outline: 1px solid var(--neutral-400); }  /* a blown-out (all white) input still reads as a picture */
+.exp-table td, .exp-table th { hyphens: none; word-break: normal; overflow-wrap: normal; }
 @media (max-width: 700px) {
-  .panels { flex-direction: column !important; }
-  .panels > .vpanel { min-width: 0 !important; width: 100% !important; }
+  .panels { grid-template-columns: 1fr; }
   button { min-height: 44px; }
   button.icon { min-width: 44px; }  /* upload / camera / paste */
+  /* the measured table as one card per row */
+  .exp-table thead { display: none; }
+  .exp-table table, .exp-table tbody, .exp-table tr, .exp-table td { display: block; width: 100%; }
+  .exp-table tr { border: 1px solid var(--border-color-primary); border-radius: 8px; margin-bottom: 8px; padding: 4px 8px; }
+  .exp-table td { border: none; text-align: left !important; padding: 2px 0; }
+  .exp-table td::before { content: attr(data-label) ": "; font-weight: 600; }
+  .exp-table td:first-child::before { content: none; }
+  .exp-table td:first-child { font-weight: 700; }
 }
 """
+
+# Gradio's Soft theme with darker label and tab text: its defaults fall below WCAG AA contrast (axe-core).
+THEME = gr.themes.Soft().set(
+    block_label_text_color="*primary_800", block_label_text_color_dark="*primary_100",
+    block_title_text_color="*primary_800", block_title_text_color_dark="*primary_100",
+    body_text_color_subdued="*neutral_600", body_text_color_subdued_dark="*neutral_300",
+    checkbox_label_background_fill_selected="*primary_700", checkbox_label_border_color_selected="*primary_700",
+)
+
+# Example thumbnails are buttons holding an image with empty alt text: name each button for
+# screen readers (Gradio offers no option for it), and keep naming them as Gradio re-renders.
+HEAD = """<script>
+(() => {
+  const names = %s;
+  const label = () => document.querySelectorAll("button.gallery-item").forEach((b, i) => {
+    if (names[i] && b.getAttribute("aria-label") !== names[i]) b.setAttribute("aria-label", names[i]);
+  });
+  new MutationObserver(label).observe(document.documentElement, {childList: true, subtree: true});
+})();
+</script>""" % json.dumps([f"Example: {p.stem.split('_')[0]} (CIFAR-10 test image)" for p in EXAMPLE_FILES])
 
 
 def checked_path(guard: UploadGuard):
@@ -101,12 +150,13 @@ def contract_markdown(predictor: Predictor) -> str:
     c = predictor.contract
     row = lambda name, values: f"| {name} | " + " | ".join(f"{v:g}" for v in values) + " |"  # noqa: E731
     scale = "0..1" if c.pixel_scale == 1 else f"0..{c.pixel_scale:g}"
+    pixels = "pixel / 255" if c.pixel_scale == 1 else f"pixel / 255 × {c.pixel_scale:g}"
     return "\n".join([
-        "### The contract of the loaded model",
-        f"The network computes **(pixel / 255 × {c.pixel_scale:g} − mean) / std** per channel, exactly as its "
+        "## The contract of the loaded model",
+        f"The network computes **({pixels} − mean) / std** per channel, exactly as its "
         "pretrained weights were trained. Every panel above feeds it the same image; only this preprocessing changes.",
         "",
-        "| | R | G | B |",
+        "| statistic | R | G | B |",
         "|---|---|---|---|",
         row("mean", c.mean),
         row("std", c.std),
@@ -115,17 +165,49 @@ def contract_markdown(predictor: Predictor) -> str:
     ])
 
 
-def meter_html(meter: dict) -> str:
+def meter_html(variant: dict, contract_range: tuple[float, float]) -> str:
+    """The contract meter of one panel, and what the values fed to the network were."""
+    meter = variant["meter"]
     d = meter["divergence"]
     number = f"{d:.2f}" if d < 10 else f"{d:,.0f}"
     fill = max(3.0, min(100.0, 100 * math.log10(1 + d) / 5))  # log scale, full at D = 100,000
     colour = html.escape(meter["colour"])
+    level = html.escape(meter["level"])
+    lo, hi = variant.get("input_range") or (0.0, 0.0)
+    values = (f"Input values {_num(lo)} to {_num(hi)}; the contract gives {_num(contract_range[0])} to "
+              f"{_num(contract_range[1])}.")
+    if variant.get("clipped", 0) >= 0.01:
+        values += (f" {100 * variant['clipped']:.0f}% of them lie outside that range, so the picture above shows "
+                   "them clipped (white or black), not as the network sees them.")
     return (
         f'<div class="meter"><div class="meter-top"><span>Contract meter: <b>{number}</b></span>'
-        f'<span class="meter-chip" style="background:{colour}">{html.escape(meter["level"])}</span></div>'
-        f'<div class="meter-bar"><div class="meter-fill" style="width:{fill:.0f}%;background:{colour}"></div></div>'
-        f'<div class="meter-words">{html.escape(meter["words"])}</div></div>'
+        f'<span class="meter-chip level-{level}">{level}</span></div>'
+        f'<div class="meter-bar" aria-hidden="true"><div class="meter-fill" style="width:{fill:.0f}%;background:{colour}"></div></div>'
+        f'<div class="meter-words">{html.escape(meter["words"])}</div>'
+        f'<div class="values">{html.escape(values)}</div></div>'
     )
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.2f}".replace("-", "−")
+
+
+def verdict_html(result: dict) -> str:
+    """One line per panel: the top class and its confidence, and whether it matches the correct contract's."""
+    variants = result["variants"]
+    reference = variants[0]["label"]
+    rows = []
+    for v in variants:
+        top = v["confidences"][v["label"]]
+        if v["key"] == CORRECT_KEY:
+            tag, cls = "the reference", "same"
+        elif v["label"] == reference:
+            tag, cls = "same answer", "same"
+        else:
+            tag, cls = "different answer", "changed"
+        rows.append(f'<li class="verdict-{cls}"><span class="verdict-name">{html.escape(v["title"])}</span> '
+                    f'<b>{html.escape(v["label"])}</b> {100 * top:.0f}% <span class="verdict-tag">{tag}</span></li>')
+    return f'<div class="verdict" role="status"><h2>Verdict</h2><ul>{"".join(rows)}</ul></div>'
 
 
 def accuracy_markdown(accuracy: float | None, test_size: int | None) -> str:
@@ -225,34 +307,39 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
             "correct preprocessing with the usual mistakes, side by side."
         )
         with gr.Tab("Demo"):
-            with gr.Row():
+            with gr.Row(elem_classes="top"):
                 with gr.Column(scale=1, min_width=280):
-                    image = PathCheckedImage(check_path=checked_path(guard), sources=["upload", "webcam", "clipboard"], label="Your image", height=280,
-                                     elem_classes="pixelated")
-                    gr.Examples([[str(p)] for p in sorted(EXAMPLES.glob("*.png"))], inputs=[image],
-                                label="Examples: CIFAR-10 test images (click one)", examples_per_page=8)
+                    image = PathCheckedImage(check_path=checked_path(guard), sources=["upload", "webcam", "clipboard"],
+                                             label="Your image", height=240, elem_classes="pixelated")
+                    # The verdict and any refusal sit right under the image: on a phone they show without scrolling.
+                    verdict = gr.HTML(visible=False, elem_classes="verdict-html")
+                    problem = gr.HTML(visible=False, elem_classes="problem")
+                    badge = gr.HTML(visible=False)
+                    notes = gr.Markdown(visible=False)
                 with gr.Column(scale=1, min_width=280):
+                    gr.Examples([[str(p)] for p in EXAMPLE_FILES], inputs=[image],
+                                label="Examples: CIFAR-10 test images (tap one)", examples_per_page=8)
                     variants = UncheckedChoices(choices=[(v.title, k) for k, v in WRONG_VARIANTS.items()],
-                                           value=list(DEFAULT_DEMO_VARIANTS), label="Wrong variants to compare")
-            problem = gr.HTML(visible=False, elem_classes="problem")
-            badge = gr.HTML(visible=False)
-            notes = gr.Markdown(visible=False)
+                                                value=list(DEFAULT_DEMO_VARIANTS), label="Wrong variants to compare")
             columns, labels, seens, meters = [], [], [], []
-            with gr.Row(elem_classes="panels", equal_height=False):
+            with gr.Row(elem_classes="panels", equal_height=True):
                 for key in PANEL_KEYS:
                     classes = ["vpanel", "correct" if key == CORRECT_KEY else "wrong", f"panel-{key}"]
-                    with gr.Column(visible=key == CORRECT_KEY or key in DEFAULT_DEMO_VARIANTS, min_width=220,
-                                   elem_classes=classes) as column:
-                        gr.Markdown(f"### {variant_title(key)}\n{variant_explanation(key)}")
-                        labels.append(gr.Label(num_top_classes=5, label="Top 5", elem_classes="label"))
-                        seens.append(gr.Image(label="What the network receives", type="numpy", format="png",
-                                              interactive=False, height=140, buttons=[],
+                    # Panels show once there is a result (empty, Gradio's Label breaks an ARIA rule).
+                    with gr.Column(visible=False, min_width=240, elem_classes=classes) as column:
+                        gr.Markdown(f"## {variant_title(key)}\n{variant_explanation(key)}", elem_classes="panel-head")
+                        labels.append(gr.Label(num_top_classes=5, label="Top 5", show_label=False, elem_classes="label"))
+                        gr.Markdown("**What the network receives**", elem_classes="caption")
+                        seens.append(gr.Image(label="What the network receives", show_label=False, type="numpy",
+                                              alt_text=f"What the network receives under: {variant_title(key)}",
+                                              format="png", interactive=False, height=140, buttons=[],
                                               elem_classes=["pixelated", "seen"]))
                         meters.append(gr.HTML(elem_classes="meter-html"))
                         gr.Markdown(accuracy_markdown(predictor.accuracy.get(key), predictor.test_size),
                                     elem_classes="accuracy")
                     columns.append(column)
-            gr.DeepLinkButton("Copy a link to this result", size="md", icon=None)  # Gradio's icon shows a server path in /config
+            link = gr.DeepLinkButton("Copy a link to this result", size="md", icon=None)  # Gradio's icon shows a server path in /config
+            gr.HTML('<p class="link-note" role="status" aria-live="polite"></p>')
             gr.Markdown(contract_markdown(predictor))
             gr.Markdown(f"<small>Checkpoint: {html.escape(note)}</small>")  # no server paths: see load_predictor
             with gr.Accordion("The API's JSON answer", open=False):
@@ -262,13 +349,13 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
         with gr.Tab("Does it matter? (measured)"):
             build_experiment_tab()
 
-        def render(shown_value, chosen, problem_html=None):
-            """The panels, from the server-side state only (never from what a client sends as JSON)."""
+        def render(shown_value, chosen, refusal: str | None = None):
+            """The verdict and panels, from the server-side state only (never from what a client sends as JSON)."""
             chosen = {k for k in chosen if isinstance(k, str)} if isinstance(chosen, list) else set(DEFAULT_DEMO_VARIANTS)
             result, pictures = (shown_value or {}).get("result"), (shown_value or {}).get("pictures")
             if not result:
-                return [gr.HTML(problem_html or "", visible=bool(problem_html)), gr.HTML(visible=False), gr.Markdown(visible=False),
-                        *(gr.Column(visible=k == CORRECT_KEY or k in chosen) for k in PANEL_KEYS),
+                return [gr.HTML(visible=False), gr.HTML(refusal or "", visible=bool(refusal)), gr.HTML(visible=False),
+                        gr.Markdown(visible=False), *(gr.Column(visible=False) for _ in PANEL_KEYS),
                         *([None] * len(PANEL_KEYS) * 3)]
             by_key = {v["key"]: (v, pic) for v, pic in zip(result["variants"], pictures)}
             out_labels, out_seens, out_meters = [], [], []
@@ -276,9 +363,10 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
                 v, pic = by_key.get(key, (None, None))
                 out_labels.append(v["confidences"] if v else None)
                 out_seens.append(pic)
-                out_meters.append(meter_html(v["meter"]) if v else None)
+                out_meters.append(meter_html(v, predictor.contract.value_range()) if v else None)
             warning = result.get("warning")
-            return [gr.HTML(visible=False), gr.HTML(warning_html(warning) if warning else "", visible=bool(warning)),
+            return [gr.HTML(verdict_html(result), visible=True), gr.HTML(visible=False),
+                    gr.HTML(warning_html(warning) if warning else "", visible=bool(warning)),
                     gr.Markdown("\n".join(f"- {n}" for n in result.get("notes", [])), visible=bool(result.get("notes"))),
                     *(gr.Column(visible=k in by_key) for k in PANEL_KEYS), *out_labels, *out_seens, *out_meters]
 
@@ -286,7 +374,7 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
             last = errors.pop(getattr(request, "session_hash", None))
             return render(None, chosen, problem_html(*last) if last else None)
 
-        panel_outputs = [problem, badge, notes, *columns, *labels, *seens, *meters]
+        panel_outputs = [verdict, problem, badge, notes, *columns, *labels, *seens, *meters]
         event = gr.on([image.change, variants.change], predict, inputs=[image, variants], outputs=[raw, shown],
                       api_name="predict", trigger_mode="always_last", concurrency_limit=CONCURRENCY,
                       show_progress="minimal")
@@ -294,6 +382,9 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
                       api_visibility="private", show_progress="hidden")
         event.failure(render_refusal, inputs=[variants], outputs=panel_outputs,
                       queue=False, api_visibility="private", show_progress="hidden")
+        # Feedback that stays: Gradio's own "Copied!" lasts a second.
+        link.click(None, js="() => { document.querySelector('.link-note').textContent = "
+                            "'Link copied: paste it anywhere to share this result.'; }")
     demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=CONCURRENCY)
     demo.predictor = predictor
     env = os.environ.get
@@ -313,7 +404,7 @@ def launch(app: gr.Blocks, host: str | None = None, port: int | None = None, sha
     """
     if getattr(app, "janitor", None) is not None:
         app.janitor.start()
-    return app.launch(server_name=host, server_port=port, share=share, css=CSS, theme=gr.themes.Soft(),
+    return app.launch(server_name=host, server_port=port, share=share, css=CSS, head=HEAD, theme=THEME,
                       max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], **kwargs)
 
 

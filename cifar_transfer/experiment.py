@@ -115,6 +115,19 @@ def summary_markdown(results: dict) -> str:
 # -- the app tab --------------------------------------------------------------------------
 
 
+def table_html(markdown_table: str) -> str:
+    """A Markdown table as HTML whose cells carry their column name (``data-label``): on a phone the
+    app's CSS shows each row as a card, every value next to its name."""
+    import html
+
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown_table.strip().splitlines()]
+    head, body = rows[0], rows[2:]
+    cell = lambda tag, text, label="": f'<{tag}{label}>{html.escape(text)}</{tag}>'  # noqa: E731
+    return ("<table><thead><tr>" + "".join(cell("th", h, ' scope="col"') for h in head) + "</tr></thead><tbody>"
+            + "".join("<tr>" + "".join(cell("td", c, f' data-label="{html.escape(h)}"') for h, c in zip(head, r)) + "</tr>"
+                      for r in body) + "</tbody></table>")
+
+
 def build_experiment_tab(results_dir: Path | None = None) -> None:
     """Add the experiment's plots and summary to the current ``gr.Blocks``/``gr.Tab`` context."""
     import gradio as gr
@@ -132,8 +145,15 @@ def build_experiment_tab(results_dir: Path | None = None) -> None:
         return
     for name, label in ((CURVES_NAME, "Training curves per preprocessing"), (ACCURACY_NAME, "Final accuracy")):
         if (folder / name).is_file():
-            gr.Image(str(folder / name), type="filepath", label=label, interactive=False)
-    gr.Markdown(summary_markdown(results))
+            # The caption sits above the plot: Gradio's label chip and buttons would cover its title and legend.
+            gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
+            gr.Image(str(folder / name), type="filepath", label=label, show_label=False, interactive=False,
+                     buttons=[], alt_text=label, elem_classes="plot")
+    text, table = summary_markdown(results).split("\n\n| ", 1)
+    gr.Markdown(text)
+    gr.HTML(table_html("| " + table.split("\n\n", 1)[0]), elem_classes="exp-table")
+    if "\n\n" in table:
+        gr.Markdown(table.split("\n\n", 1)[1])
     gr.Markdown(f"Reproduce: `{results.get('command') or COMMAND}`")
 
 

@@ -322,6 +322,8 @@ class VariantResult:
     meter: MeterReading
     accuracy: float | None  # measured test accuracy from metrics.json, as a fraction
     seen: np.ndarray = field(repr=False)  # (S, S, 3) uint8: the network input read under the correct contract
+    input_range: tuple[float, float] = (0.0, 0.0)  # min and max value of the network input
+    clipped: float = 0.0  # share of input values outside the range the correct contract produces (shown clipped)
 
     @property
     def label(self) -> str:
@@ -329,7 +331,8 @@ class VariantResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "title": self.title, "explanation": self.explanation, "label": self.label,
-                "confidences": self.confidences, "meter": self.meter.to_dict(), "accuracy": self.accuracy}
+                "confidences": self.confidences, "meter": self.meter.to_dict(), "accuracy": self.accuracy,
+                "input_range": list(self.input_range), "clipped": self.clipped}
 
 
 @dataclass
@@ -403,13 +406,18 @@ class Predictor:
         batch = torch.cat([self.transforms[k](base) for k in keys])
         probs, divergence = self._forward(batch)
         seen = (to_display(batch, self.contract) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        lo, hi = self.contract.value_range()
+        flat = batch.flatten(1)
+        mins, maxs = flat.amin(1).tolist(), flat.amax(1).tolist()
+        clipped = ((flat < lo - 1e-4) | (flat > hi + 1e-4)).float().mean(1).tolist()
         results = []
         for i, key in enumerate(keys):
             order = probs[i].argsort(descending=True).tolist()
             results.append(VariantResult(
                 key=key, title=variant_title(key), explanation=variant_explanation(key),
                 confidences={self.class_names[j]: round(float(probs[i, j]), 6) for j in order},
-                meter=reading(float(divergence[i])), accuracy=self.accuracy.get(key), seen=seen[i]))
+                meter=reading(float(divergence[i])), accuracy=self.accuracy.get(key), seen=seen[i],
+                input_range=(round(mins[i], 4), round(maxs[i], 4)), clipped=round(clipped[i], 4)))
         return Prediction(results, warning=self._warn_if_broken(results[0].meter, "the correct contract"))
 
     @torch.inference_mode()

@@ -124,7 +124,187 @@ def test_deep_link_reopens_the_same_result(browser, running_app):
         assert link
         again.goto(f"{running_app}?deep_link={link}")
         again.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 2", timeout=60_000)
+        again.wait_for_function(f"() => document.querySelectorAll(\".vpanel [data-testid='label-output-value']\").length"
+                                f" >= {len(labels)}", timeout=30_000)
         assert again.locator(".vpanel:visible [data-testid='label-output-value']").all_inner_texts() == labels
     finally:
         page.close()
         again.close()
+
+
+# -- phone-first layout and accessibility (issues 13 and 15) ---------------------------------------
+
+
+def open_app(browser, url, name):
+    width, height = VIEWPORTS[name]
+    page = browser.new_page(viewport={"width": width, "height": height}, has_touch=name == "phone",
+                            is_mobile=name == "phone")
+    page.goto(url)
+    page.locator("button.gallery-item").first.wait_for(timeout=60_000)
+    return page
+
+
+def show_example(page, index=1, panels=1 + len(DEFAULT_DEMO_VARIANTS)):
+    page.locator("button.gallery-item").nth(index).click()
+    page.wait_for_function(f"() => document.querySelectorAll('.vpanel .meter').length >= {panels}", timeout=60_000)
+    page.locator(".verdict").wait_for(timeout=30_000)
+
+
+def in_viewport(page, locator) -> bool:
+    box, height = locator.bounding_box(), page.viewport_size["height"]
+    return box is not None and box["y"] >= 0 and box["y"] + box["height"] <= height
+
+
+def overlaps(a, b) -> bool:
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+                or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+
+
+def choose_every_variant(page):
+    for box in page.locator("label:has(input[type=checkbox])").all():
+        if not box.locator("input").is_checked():
+            box.click()
+
+
+@pytest.mark.parametrize("name", list(VIEWPORTS))
+def test_verdict_shows_without_scrolling_after_an_example(browser, running_app, name):
+    page = open_app(browser, running_app, name)
+    try:
+        show_example(page)
+        assert page.evaluate("window.scrollY") == 0
+        verdict = page.locator(".verdict")
+        assert in_viewport(page, verdict), f"verdict at {verdict.bounding_box()} is below the fold"
+        lines = verdict.locator("li").all_inner_texts()
+        assert len(lines) == 1 + len(DEFAULT_DEMO_VARIANTS)
+        assert all(re.search(r"\d+%", line) for line in lines)
+        assert any("the reference" in line for line in lines)
+        assert all(("same answer" in line) or ("different answer" in line) for line in lines[1:])
+        assert no_horizontal_scroll(page)
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("name", list(VIEWPORTS))
+def test_panel_captions_never_cover_the_pictures(browser, running_app, name):
+    page = open_app(browser, running_app, name)
+    try:
+        show_example(page)
+        for panel in page.locator(".vpanel:visible").all():
+            assert panel.locator("[data-testid='block-label']:visible").count() == 0, "a label chip floats over the panel"
+            panel.scroll_into_view_if_needed()  # the pictures load lazily
+            picture = panel.locator(".seen img")
+            picture.wait_for(timeout=30_000)
+            for other in (panel.locator(".block.caption"), panel.locator(".meter"), panel.locator("[data-testid='label-output-value']")):
+                assert not overlaps(picture.bounding_box(), other.bounding_box())
+    finally:
+        page.close()
+
+
+def test_raw_pixels_panel_says_its_picture_is_clipped(browser, running_app):
+    page = open_app(browser, running_app, "desktop")
+    try:
+        show_example(page)
+        values = page.locator(".panel-raw_0_255 .values").inner_text()
+        assert re.search(r"\d+% of them lie outside that range", values) and "clipped" in values
+        assert "outside" not in page.locator(".panel-correct .values").inner_text()
+    finally:
+        page.close()
+
+
+def test_seven_panels_on_a_desktop_share_one_grid(browser, running_app):
+    page = open_app(browser, running_app, "desktop")
+    try:
+        choose_every_variant(page)
+        show_example(page, panels=7)
+        boxes = [p.bounding_box() for p in page.locator(".vpanel:visible").all()]
+        assert len(boxes) == 7
+        assert len({round(b["width"]) for b in boxes}) == 1, "panels of different widths"
+        rows = {}
+        for b in boxes:
+            rows.setdefault(round(b["y"]), []).append(b)
+        assert len(rows) >= 2 and all(len({round(b["height"]) for b in row}) == 1 for row in rows.values())
+        assert no_horizontal_scroll(page)
+    finally:
+        page.close()
+
+
+def test_copy_link_feedback_stays_visible(browser, running_app):
+    page = open_app(browser, running_app, "phone")
+    try:
+        show_example(page)
+        page.get_by_role("button", name="Copy a link to this result").click()
+        note = page.locator(".link-note")
+        page.wait_for_timeout(3000)  # Gradio's own "Copied!" is gone by now; ours stays
+        assert note.is_visible() and "Link copied" in note.inner_text()
+    finally:
+        page.close()
+
+
+def test_examples_have_names_and_the_contract_reads_plainly(browser, running_app):
+    page = open_app(browser, running_app, "phone")
+    try:
+        names = [b.get_attribute("aria-label") for b in page.locator("button.gallery-item").all()]
+        assert len(names) == 8 and all(n and n.startswith("Example: ") for n in names)
+        assert "airplane" in names[0]
+        text = page.locator("text=The network computes").first.inner_text()
+        assert "× 1 " not in text and "(pixel / 255 − mean) / std" in text
+    finally:
+        page.close()
+
+
+def test_measured_table_is_readable_on_a_phone(browser, running_app):
+    page = open_app(browser, running_app, "phone")
+    try:
+        page.get_by_role("tab", name="Does it matter? (measured)").click()
+        cells = page.locator(".exp-table td")
+        cells.first.wait_for(timeout=30_000)
+        assert not page.locator(".exp-table thead").is_visible()  # one card per row instead
+        width = page.viewport_size["width"]
+        for cell in cells.all():
+            box = cell.bounding_box()
+            assert box["width"] >= 0.6 * width, f"a squeezed cell: {box}"
+            assert cell.evaluate("e => e.scrollWidth <= e.clientWidth + 1"), "text spills out of its cell"
+            if cell.evaluate("e => e.cellIndex") > 0:
+                label = cell.get_attribute("data-label")
+                assert label and cell.evaluate("e => getComputedStyle(e, '::before').content").strip('"').startswith(label)
+        captions = page.locator(".plot-caption")
+        assert captions.count() >= 1
+        for caption, plot in zip(captions.all(), page.locator(".plot").all()):
+            assert caption.is_visible() and not overlaps(caption.bounding_box(), plot.locator("img").bounding_box())
+            assert plot.locator("[data-testid='block-label']:visible, button:visible:not(:has(img))").count() == 0
+        assert no_horizontal_scroll(page)
+    finally:
+        page.close()
+
+
+def axe_violations(page) -> list[dict]:
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    return [{"rule": v["id"], "impact": v["impact"], "nodes": [n["target"] for n in v["nodes"]][:5]}
+            for v in results.response["violations"] if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("name", list(VIEWPORTS))
+def test_no_serious_accessibility_violations(browser, running_app, name, tmp_path):
+    """axe-core in each state a visitor reaches: a result, every variant, an error on screen, the second tab."""
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    page = open_app(browser, running_app, name)
+    found = {}
+    try:
+        show_example(page)
+        found["after an example"] = axe_violations(page)
+        choose_every_variant(page)
+        page.locator("input[type=file]").first.set_input_files(str(sorted(ARTIFACTS.parent.glob("examples/*.png"))[3]))
+        page.wait_for_function("() => document.querySelectorAll('.vpanel .meter').length >= 7", timeout=60_000)
+        found["upload, every variant"] = axe_violations(page)
+        page.locator("input[type=file]").first.set_input_files(str(bad))
+        page.locator(".problem-box").wait_for(timeout=60_000)
+        found["error on screen"] = axe_violations(page)
+        page.get_by_role("tab", name="Does it matter? (measured)").click()
+        page.locator(".exp-table td").first.wait_for(timeout=30_000)
+        found["second tab"] = axe_violations(page)
+    finally:
+        page.close()
+    assert found == {state: [] for state in found}

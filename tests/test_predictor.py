@@ -184,7 +184,7 @@ def test_prediction_structure_and_order(predictor, example_images, embedded_mode
     assert keys == [CORRECT_KEY, *(k for k in WRONG_VARIANTS if k in DEFAULT_DEMO_VARIANTS)]
     for v in result.variants:
         d = v.to_dict()
-        assert set(d) == {"key", "title", "explanation", "label", "confidences", "meter", "accuracy"}
+        assert set(d) == {"key", "title", "explanation", "label", "confidences", "meter", "accuracy", "input_range", "clipped"}
         assert list(d["confidences"])[0] == d["label"] and set(d["confidences"]) == set(predictor.class_names)
         assert sum(d["confidences"].values()) == pytest.approx(1, abs=1e-4)
         assert d["meter"]["level"] in ("ok", "drifting", "broken")
@@ -236,3 +236,14 @@ def test_warning_stays_silent_for_correctly_normalized_input(predictor, example_
         result = predictor.predict(example_images[0])
     assert meter.level != "broken" and result.warning is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_each_panel_reports_the_values_it_fed_and_how_many_the_picture_clips(predictor, example_images):
+    result = predictor.predict(example_images[0], list(WRONG_VARIANTS))
+    by_key = {v.key: v for v in result.variants}
+    lo, hi = predictor.contract.value_range()
+    correct = by_key[CORRECT_KEY]
+    assert lo - 1e-4 <= correct.input_range[0] < correct.input_range[1] <= hi + 1e-4 and correct.clipped == 0
+    raw = by_key["raw_0_255"]
+    assert raw.input_range[1] > 100 * hi and raw.clipped > 0.5  # raw 0-255 values: far outside, shown clipped
+    assert by_key["no_normalization"].input_range[0] >= 0 and by_key["no_normalization"].clipped == 0
