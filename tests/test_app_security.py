@@ -304,3 +304,31 @@ def test_refusal_holds_after_an_example_updated_the_session(running_app, outside
     done = [m for m in messages if m.get("msg") == "process_completed"]
     assert done and done[-1]["success"] is False and done[-1]["output"]["error"] == REFUSED
     assert not [p for p in opened if str(outside["folder"]) in p], "a refused file was opened"
+
+
+def test_hostile_corpus_through_the_upload_route_as_a_browser_sends_it(running_app, tmp_path, example_images):
+    """Each odd or hostile file, uploaded under its (hostile) name and classified through /call/predict:
+    the expected outcome, no server path in any answer, and a normal request still works after each."""
+    from .hostile_corpus import CLASSIFIED, make_corpus
+
+    cases = make_corpus(tmp_path)
+    assert len(cases) >= 40
+    folder = str(upload_folder())
+    with httpx.Client(base_url=running_app, timeout=120) as http:
+        for case in cases:
+            files = {"files": (case.name, case.path.read_bytes(), "application/octet-stream")}
+            uploaded = http.post("gradio_api/upload", files=files)
+            assert uploaded.status_code == 200, (case.name, uploaded.text[:200])
+            path = uploaded.json()[0]
+            name, payload = via_call(running_app, [{"path": path, "meta": META, "orig_name": case.name}, []])
+            if case.expect == CLASSIFIED:
+                assert name == "complete", (case.name, payload)
+                assert payload[0]["variants"][0]["key"] == "correct"
+                if case.substring:
+                    assert any(case.substring in note for note in payload[0]["notes"]), (case.name, payload[0]["notes"])
+            else:
+                assert name == "error" and (payload.get("error") or "").strip(), (case.name, payload)
+                assert case.substring is None or case.substring in payload["error"], (case.name, payload)
+            assert folder not in json.dumps(payload) and str(tmp_path) not in json.dumps(payload)
+            after_name, after = via_call(running_app, [{"path": str(example_images[0])}, []])
+            assert after_name == "complete", (case.name, after)
