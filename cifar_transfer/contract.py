@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from torch import nn
 
 CHANNEL_ORDERS = ("RGB", "BGR")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+CROP_MODES = ("center", "squash")  # timm's crop_mode values this project implements
 
 
 class ContractError(ValueError):
@@ -42,6 +44,10 @@ class NormalizationContract:
     channel_order: ``"RGB"`` or ``"BGR"``.
     input_size: side in pixels of the square image the network is fed.
     interpolation: how images are resized to ``input_size``.
+    crop_pct, crop_mode: as timm's ``pretrained_cfg``: the image is resized to
+        ``floor(input_size / crop_pct)`` (``"center"``: its shorter side, keeping the
+        aspect ratio; ``"squash"``: both sides), then the central
+        ``input_size`` square is cut out. 1.0 / ``"center"`` keeps a square image whole.
     times: how often ``(x - mean) / std`` is applied (1; 2 is the
         "normalized twice" bug, kept representable so it can be demonstrated).
     description: one plain-words sentence.
@@ -54,6 +60,8 @@ class NormalizationContract:
     channel_order: str = "RGB"
     input_size: int = 224
     interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    crop_mode: str = "center"
     times: int = 1
     description: str = ""
 
@@ -73,6 +81,11 @@ class NormalizationContract:
             raise ContractError(f"channel_order must be one of {CHANNEL_ORDERS}, got {self.channel_order!r}")
         if self.interpolation not in INTERPOLATIONS:
             raise ContractError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.crop_mode not in CROP_MODES:
+            raise ContractError(f"crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
+        if not (isinstance(self.crop_pct, (int, float)) and 0 < self.crop_pct <= 1):
+            raise ContractError(f"crop_pct must be in (0, 1], got {self.crop_pct!r}")
+        object.__setattr__(self, "crop_pct", float(self.crop_pct))
         if not (isinstance(self.input_size, int) and self.input_size > 0):
             raise ContractError(f"input_size must be a positive integer, got {self.input_size!r}")
         if not (isinstance(self.times, int) and self.times >= 0):
@@ -135,6 +148,33 @@ class NormalizationContract:
         keys = ("mean", "std", "pixel_scale", "channel_order", "times")
         return all(getattr(self, k) == getattr(other, k) for k in keys)
 
+    # -- timm's pretrained_cfg ---------------------------------------------
+    def timm_inexpressible(self) -> list[str]:
+        """What timm's ``pretrained_cfg`` cannot say about this contract (timm feeds RGB in [0, 1], normalized once)."""
+        return [f"{k}={getattr(self, k)!r}" for k, v in (("channel_order", "RGB"), ("pixel_scale", 1.0), ("times", 1))
+                if getattr(self, k) != v]
+
+    def timm_data_config(self) -> dict[str, Any]:
+        """The contract as timm's data config (the preprocessing fields of ``pretrained_cfg``)."""
+        bad = self.timm_inexpressible()
+        if bad:
+            raise ContractError(f"timm's pretrained_cfg cannot express contract {self.name!r} ({', '.join(bad)}): "
+                                "a timm user would preprocess its inputs differently, without an error")
+        return {"input_size": (3, self.input_size, self.input_size), "interpolation": self.interpolation,
+                "mean": self.mean, "std": self.std, "crop_pct": self.crop_pct, "crop_mode": self.crop_mode}
+
+    def timm_disagreements(self, pretrained_cfg: dict[str, Any]) -> list[str]:
+        """Fields where a timm ``pretrained_cfg`` says something other than this contract (empty: they agree)."""
+        ours = self.timm_data_config()
+        out = []
+        for key, value in ours.items():
+            theirs = pretrained_cfg.get(key)
+            same = theirs is not None and (
+                tuple(float(v) for v in theirs) == tuple(float(v) for v in value) if isinstance(value, tuple) else theirs == value)
+            if not same:
+                out.append(f"{key}: pretrained_cfg has {theirs!r}, the contract {list(value) if isinstance(value, tuple) else value!r}")
+        return out
+
 
 class ContractTransform(nn.Module):
     """Batched tensor preprocessing resolved from a contract.
@@ -151,12 +191,19 @@ class ContractTransform(nn.Module):
         self.register_buffer("std", torch.tensor(contract.std).view(1, 3, 1, 1), persistent=False)
 
     def resize(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.contract.input_size
-        if x.shape[-2:] == (size, size):
-            return x
-        mode = self.contract.interpolation
-        kwargs = {} if mode == "nearest" else {"align_corners": False, "antialias": True}
-        return F.interpolate(x, size=(size, size), mode=mode, **kwargs)
+        """Resize and centre-crop to ``input_size`` as timm's eval transform does (``crop_pct``, ``crop_mode``)."""
+        c = self.contract
+        size, (h, w) = c.input_size, x.shape[-2:]
+        scale = math.floor(size / c.crop_pct)
+        if c.crop_mode == "squash" or h == w:
+            target = (scale, scale)
+        else:  # shorter side to `scale`, as torchvision's Resize(int)
+            target = (scale, int(scale * w / h)) if h < w else (int(scale * h / w), scale)
+        if (h, w) != target:
+            kwargs = {} if c.interpolation == "nearest" else {"align_corners": False, "antialias": True}
+            x = F.interpolate(x, size=target, mode=c.interpolation, **kwargs)
+        top, left = int(round((target[0] - size) / 2.0)), int(round((target[1] - size) / 2.0))
+        return x[..., top:top + size, left:left + size]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:

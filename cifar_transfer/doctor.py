@@ -298,7 +298,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from .backbones import BackboneError
-    from .model import CheckpointError
+    from .checkpoint import CheckpointError
 
     args = get_args_parser().parse_args(argv)
     if args.max_images < 2:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .card import write_model_card
     from .data import DataError, load_dataset
-    from .model import METRICS_NAME, CheckpointError, atomic_write_json, read_metrics
+    from .checkpoint import METRICS_NAME, CheckpointError, atomic_write_json, read_metrics
     from .hub import resolve_checkpoint
     from .runtime import pick_device
 

@@ -213,7 +213,7 @@ def probe_inputs(model: nn.Module, pixels: torch.Tensor, contract: Normalization
     from .meter import BatchNormProbe
 
     feats = []
-    fc = model.stages[-1].fc
+    fc = model.classifier
     handle = fc.register_forward_pre_hook(lambda _m, args: feats.append(args[0].norm(dim=1)))
     model.eval()
     try:
@@ -341,7 +341,8 @@ def load_data(cfg: ExperimentConfig):
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run every preprocessing with the same budget and seed; write results.json and the plots; return the results."""
-    from .model import CifarTransferModel, atomic_write_json
+    from .checkpoint import atomic_write_json
+    from .model import CifarTransferModel
     from .runtime import environment_info
 
     t_start = time.perf_counter()
@@ -405,7 +406,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .model import atomic_write_bytes
+    from .checkpoint import atomic_write_bytes
 
     runs, serve = results["runs"], results["serve_mismatch"]
     steps = results["config"]["steps"]

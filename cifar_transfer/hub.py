@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .model import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, CifarTransferModel, load_checkpoint
+from .checkpoint import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError
+from .model import CifarTransferModel, load_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_FILES = [WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CARD_NAME]

@@ -1,18 +1,13 @@
-"""The fine-tuned classifier and its self-describing checkpoint folder.
+"""The fine-tuned classifier: a timm model carrying its normalization contract.
 
-A checkpoint is a folder::
+``CifarTransferModel.from_pretrained(folder_or_repo_id)`` rebuilds it from a
+checkpoint (see :mod:`cifar_transfer.checkpoint` for the folder), and so does
+``timm.create_model("hf-hub:USER/NAME", pretrained=True)``: the weights are the
+timm model's own, under timm's names, and ``config.json`` is timm's format.
 
-    model.safetensors   weights (no pickle)
-    config.json         backbone, class names, normalization contract: enough to rebuild
-    metrics.json        measured accuracies, command, wall time, hardware, versions
-    README.md           model card generated from the two JSON files
-
-``CifarTransferModel.from_pretrained(folder_or_repo_id)`` rebuilds the model
-(huggingface_hub's ``PyTorchModelHubMixin`` turns ``__init__`` arguments into
-``config.json``).
+No ``from __future__ import annotations`` here: huggingface_hub reads the
+``__init__`` annotations at run time to rebuild the typed contract.
 """
-
-from __future__ import annotations
 
 import json
 import os
@@ -21,55 +16,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
-from .backbones import DEFAULT_BACKBONE, BackboneError, get_backbone
+from . import backbones
+from .backbones import DEFAULT_BACKBONE, BackboneError, BackboneSpec, backbone_for_architecture, get_backbone
+from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import these from here
+    CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, TAGS, WEIGHTS_NAME,
+    CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config, check_timm_agrees,
+    read_config, read_metrics,
+)
 from .contract import ContractError, NormalizationContract
 
-FORMAT = "cifar_transfer/1"
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.json"
-CARD_NAME = "README.md"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder is missing, incomplete or not ours; the message names the problem."""
 
 
 class CifarTransferModel(
     nn.Module,
     PyTorchModelHubMixin,
-    library_name="cifar-transfer",
-    pipeline_tag="image-classification",
-    license="mit",
-    tags=["image-classification", "cifar10", "transfer-learning", "normalization"],
+    library_name=LIBRARY_NAME,
+    pipeline_tag=PIPELINE_TAG,
+    license=LICENSE,
+    tags=list(TAGS),
 ):
-    """A pretrained backbone with a new head, carrying its normalization contract.
+    """A timm classifier with its normalization contract.
 
-    ``forward`` takes already-normalized tensors (as any torchvision model);
-    :meth:`classify` takes raw RGB pixels (0-255) and applies the model's own
-    contract, or an explicitly passed override (the wrong variants).
+    ``forward`` takes already-normalized tensors (as any timm model) and is the timm model's own forward;
+    :meth:`classify` takes raw RGB pixels (0-255) and applies the model's contract, or an explicitly
+    passed override (the wrong variants). The contract is a typed ``__init__`` argument: the Hub mixin
+    stores it in ``config.json`` and rebuilds the dataclass on load.
     """
 
     def __init__(
         self,
-        backbone: str = DEFAULT_BACKBONE,
-        class_names: list[str] | None = None,
-        contract: dict | None = None,
+        architecture: str = get_backbone(DEFAULT_BACKBONE).architecture,
+        label_names: list[str] | None = None,
+        contract: NormalizationContract | None = None,
         format: str = FORMAT,  # noqa: A002 - stored in config.json to recognise our checkpoints
+        **timm_config: Any,  # the rest of timm's config.json (num_classes, pretrained_cfg, ...) and timm create args
     ):
         super().__init__()
         if format != FORMAT:
             raise CheckpointError(f"unsupported checkpoint format {format!r} (this version reads {FORMAT!r})")
-        spec = get_backbone(backbone)
-        self.backbone = backbone
-        self.class_names = list(class_names or CIFAR10_CLASSES)
-        self.contract = NormalizationContract.from_dict(contract) if contract is not None else spec.contract
-        self.stages = nn.Sequential(*spec.build(len(self.class_names), self.contract.input_size))
+        spec = backbone_for_architecture(architecture)
+        self.architecture = architecture
+        self.backbone = spec.name
+        self.class_names = list(label_names or CIFAR10_CLASSES)
+        self.contract = contract if contract is not None else spec.contract
+        if timm_config.get("num_classes", len(self.class_names)) != len(self.class_names):
+            raise CheckpointError(f"num_classes is {timm_config['num_classes']} but there are {len(self.class_names)} label names")
+        if "pretrained_cfg" in timm_config:
+            check_timm_agrees(self.contract, timm_config["pretrained_cfg"])
+        create_args = {k: timm_config[k] for k in ("drop_rate", "drop_path_rate") if k in timm_config}
+        self.net = backbones.create(spec, len(self.class_names), **create_args)
         self.preprocess = self.contract.transform()
+        self.metrics: dict[str, Any] | None = None  # the checkpoint's metrics.json, for the model card
 
     @classmethod
     def from_backbone(
@@ -84,14 +85,18 @@ class CifarTransferModel(
         """A new model for fine-tuning: pretrained backbone, fresh head, the backbone's contract."""
         spec = get_backbone(backbone)
         contract = spec.contract.replace(input_size=input_size or spec.defaults.get("input_size", spec.contract.input_size))
-        model = cls(backbone=backbone, class_names=class_names, contract=contract.to_dict())
+        model = cls(architecture=spec.architecture, label_names=class_names, contract=contract, **spec.train_args)
         if pretrained:
-            spec.load_into(list(model.stages), spec.pretrained_state_dict(weights_file))
+            backbones.load_pretrained(model.net, spec.pretrained_state_dict(weights_file))
         return model
+
+    @property
+    def spec(self) -> BackboneSpec:
+        return get_backbone(self.backbone)
 
     # -- inference ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(x)
+        return self.net(x)
 
     def classify(self, pixels: torch.Tensor, contract: NormalizationContract | None = None) -> torch.Tensor:
         """Logits for ``(N, 3, H, W)`` RGB pixels in 0..255 under the model's contract (or an explicit override)."""
@@ -102,120 +107,102 @@ class CifarTransferModel(
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def stages(self) -> nn.Sequential:
+        """The network as ``[stem, stage 1, ..., head]`` at timm's stage boundaries (views of ``net``'s modules)."""
+        return nn.Sequential(*backbones.stages(self.net))
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.net.get_classifier()
+
     def first_batchnorm(self) -> nn.BatchNorm2d:
         for m in self.modules():
             if isinstance(m, nn.BatchNorm2d):
                 return m
-        raise BackboneError(f"{self.backbone} has no BatchNorm2d layer")
+        raise BackboneError(f"{self.architecture} has no BatchNorm2d layer")
 
+    # -- config.json ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {
-            "format": FORMAT,
-            "backbone": self.backbone,
-            "class_names": self.class_names,
-            "contract": self.contract.to_dict(),
-        }
+        """``config.json``: timm's own export of the model and its data config, plus our format and contract."""
+        from timm.models._hub import save_config_for_hf
+
+        try:
+            data_config = self.contract.timm_data_config()
+        except ContractError as exc:
+            raise CheckpointError(f"not saving a checkpoint timm users would silently misuse: {exc}") from exc
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / CONFIG_NAME
+            save_config_for_hf(self.net, str(path), data_config=data_config,
+                               model_config={"label_names": self.class_names})
+            config = json.loads(path.read_text())
+        config.pop("model_args", None)  # timm's defaults; training-only arguments (dropout) are not part of it
+        config.update(format=FORMAT, contract=self.contract.to_dict())
+        return config
 
     # -- hub mixin hooks ------------------------------------------------------
     def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_model
+        """Weights (timm names), config.json and metrics.json, each written atomically. The mixin then writes
+        the card from :meth:`generate_model_card`; a stale one is removed first so it is always regenerated."""
+        from safetensors.torch import save
 
-        tmp = Path(save_directory) / f".{WEIGHTS_NAME}.tmp"
-        save_model(self, str(tmp))
-        os.replace(tmp, Path(save_directory) / WEIGHTS_NAME)
-        atomic_write_json(Path(save_directory) / CONFIG_NAME, self.config())
+        save_directory = Path(save_directory)
+        config = self.config()
+        state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
+        atomic_write_bytes(save_directory / WEIGHTS_NAME, save(state, metadata={"format": "pt"}))
+        atomic_write_json(save_directory / CONFIG_NAME, config)
+        if self.metrics is not None:
+            atomic_write_json(save_directory / METRICS_NAME, self.metrics)
+        (save_directory / CARD_NAME).unlink(missing_ok=True)
+
+    def generate_model_card(self, *args, repo_id: str | None = None, **kwargs) -> ModelCard:
+        """The project's card (not the mixin's template), for ``save_pretrained`` and ``push_to_hub`` alike."""
+        from .card import render_model_card
+
+        return _AtomicCard(render_model_card(self.config(), self.metrics, repo_id))
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
                          map_location: str = "cpu", strict: bool = True, **model_kwargs):
-        from huggingface_hub import hf_hub_download
-        from safetensors.torch import load_model
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        def fetch(name: str) -> str:
+            if os.path.isdir(model_id):
+                return os.path.join(model_id, name)
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, force_download=force_download,
+                                   local_files_only=local_files_only, token=token)
 
         model = cls(**model_kwargs)
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, WEIGHTS_NAME)
-        else:
-            weights = hf_hub_download(model_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
-                                      force_download=force_download, local_files_only=local_files_only, token=token)
+        weights = fetch(WEIGHTS_NAME)
         try:
-            load_model(model, weights, strict=True, device=map_location)
-        except Exception as exc:  # noqa: BLE001 - safetensors raises several kinds
+            model.net.load_state_dict(load_file(weights, device=str(map_location)), strict=strict)
+        except (RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"{weights}: weights do not match the architecture in config.json: {exc}") from exc
+        model.metrics = _optional_json(fetch, METRICS_NAME)
         return model.eval()
 
 
-# -- files ---------------------------------------------------------------------
+class _AtomicCard(ModelCard):
+    """A model card whose ``save`` (called by the mixin) replaces the file atomically."""
+
+    def save(self, filepath) -> None:
+        atomic_write_text(Path(filepath), str(self))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is meant to be shared
+def _optional_json(fetch, name: str) -> dict | None:
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
-
-
-def read_config(folder: Path) -> dict[str, Any]:
-    """Read and validate a checkpoint's config.json, with a clear error for each way it can be wrong."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise CheckpointError(f"checkpoint folder not found: {folder}")
-    if not folder.is_dir():
-        raise CheckpointError(f"a checkpoint is a folder, but {folder} is a file")
-    path = folder / CONFIG_NAME
-    if not path.is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a cifar-transfer checkpoint config (format is {config.get('format')!r}, expected {FORMAT!r})")
-    for key in ("backbone", "class_names", "contract"):
-        if key not in config:
-            raise CheckpointError(f"{path} lacks the field {key!r}")
-    try:
-        get_backbone(config["backbone"])
-        NormalizationContract.from_dict(config["contract"])
-    except (BackboneError, ContractError) as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
-    names = config["class_names"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: class_names must be a non-empty list of strings")
-    if not (folder / WEIGHTS_NAME).is_file():
-        raise CheckpointError(f"{folder} is not a complete checkpoint: {WEIGHTS_NAME} is missing")
-    return config
-
-
-def read_metrics(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / METRICS_NAME
-    if not path.is_file():
+        path = fetch(name)
+    except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+    return json.loads(Path(path).read_text(encoding="utf-8")) if os.path.isfile(path) else None
+
+
+# -- checkpoint folders -----------------------------------------------------------------
 
 
 def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> CifarTransferModel:
@@ -225,13 +212,9 @@ def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> CifarTrans
 
 
 def save_checkpoint(model: CifarTransferModel, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write weights, config, metrics and the model card; every file atomically."""
-    from .card import write_model_card
-
+    """Write weights, config, metrics and the model card (``save_pretrained``); every file atomically."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model._save_pretrained(folder)
     if metrics is not None:
-        atomic_write_json(folder / METRICS_NAME, metrics)
-    write_model_card(folder)
+        model.metrics = metrics
+    model.save_pretrained(folder)
     return folder

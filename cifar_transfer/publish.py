@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .card import render_model_card
 from .hub import REPO_ID, describe_hub_error
-from .model import CARD_NAME, CONFIG_NAME, FORMAT, METRICS_NAME, WEIGHTS_NAME, CheckpointError, read_config, read_metrics
+from .checkpoint import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, read_config, read_metrics
 
 UPLOADED = (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME)  # plus the model card, rendered for the repo
 KEEP_IF_PRESENT = {".gitattributes", CARD_NAME}  # files an empty Hub repo may already hold
@@ -121,7 +121,7 @@ def _check_existing(api, repo_id: str, revision: str | None, token: str) -> None
     except Exception as exc:  # noqa: BLE001
         raise PublishError(_scrub(f"{repo_id} already exists and cannot be inspected: {describe_hub_error(exc)}; "
                                   "nothing was uploaded", token)) from exc
-    if fmt != FORMAT and files - KEEP_IF_PRESENT:
+    if not str(fmt).startswith("cifar_transfer/") and files - KEEP_IF_PRESENT:  # any version of ours may be replaced
         raise PublishError(f"the name {repo_id} is taken: the repo exists and does not hold a cifar-transfer checkpoint "
                            f"(its files: {', '.join(sorted(files))}). Choose another name; nothing was uploaded")
 
@@ -136,7 +136,7 @@ def _delete_new_repo(api, repo_id: str) -> bool:
 
 def _default_message(config: dict, metrics: dict | None) -> str:
     acc = ((metrics or {}).get("accuracy") or {}).get("correct")
-    return f"Upload {config['backbone']} checkpoint" + (f" (test accuracy {100 * acc:.2f}%)" if acc is not None else "")
+    return f"Upload {config['architecture']} checkpoint" + (f" (test accuracy {100 * acc:.2f}%)" if acc is not None else "")
 
 
 def _scrub(text: str, token: str) -> str:
@@ -151,7 +151,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repo-id", required=True, metavar="USER/NAME", help="model repo to create or update")
     p.add_argument("--private", action="store_true", help="create the repo as private (an existing repo keeps its visibility)")
     p.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created from main if missing); default: main")
-    p.add_argument("--commit-message", metavar="MSG", help="default: 'Upload <backbone> checkpoint (test accuracy ...)'")
+    p.add_argument("--commit-message", metavar="MSG", help="default: 'Upload <architecture> checkpoint (test accuracy ...)'")
     return p
 
 

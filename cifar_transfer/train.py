@@ -31,7 +31,8 @@ from torch import nn
 from . import data as data_mod
 from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, get_backbone
 from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE, evaluate_variants, predict_logits
-from .model import CifarTransferModel, atomic_write_bytes, save_checkpoint
+from .checkpoint import atomic_write_bytes
+from .model import CifarTransferModel, save_checkpoint
 from .runtime import environment_info, pick_device
 
 STATE_NAME = "train_state.pt"

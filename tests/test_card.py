@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -11,15 +14,32 @@ from huggingface_hub import ModelCard
 from cifar_transfer.backbones import get_backbone
 from cifar_transfer.card import render_model_card, write_model_card
 from cifar_transfer.contract import IMAGENET, WRONG_VARIANTS, variant_title
-from cifar_transfer.model import FORMAT, CifarTransferModel, save_checkpoint
+from cifar_transfer.model import CifarTransferModel, save_checkpoint
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "efficientnet_lite0-cifar10"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-def config_for(backbone: str, contract=None) -> dict:
-    contract = contract or get_backbone(backbone).contract
-    return {"format": FORMAT, "backbone": backbone, "class_names": CLASSES, "contract": contract.to_dict()}
+@functools.cache
+def _config(backbone: str) -> str:
+    return json.dumps(CifarTransferModel.from_backbone(backbone, class_names=CLASSES, pretrained=False).config())
+
+
+def config_for(backbone: str) -> dict:
+    """config.json as a checkpoint of ``backbone`` has it."""
+    return json.loads(_config(backbone))
+
+
+def table(text: str, heading: str) -> list[list[str]]:
+    """The cells of the first markdown table after ``heading`` (header and separator rows dropped)."""
+    lines = text.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def number(cell: str) -> float:
+    return float(re.fullmatch(r"\s*(-?[0-9.]+)\s*%?\s*", cell).group(1))
 
 
 def full_metrics() -> dict:
@@ -38,8 +58,8 @@ def test_metadata_is_what_a_hub_user_expects():
     metrics = full_metrics()
     card = ModelCard(render_model_card(config_for("resnet18"), metrics, repo_id="alice/resnet18-cifar10"))
     data = card.data
-    assert data.library_name == "cifar-transfer" and data.license and data.pipeline_tag == "image-classification"
-    assert {"image-classification", "cifar10", "resnet18"} <= set(data.tags)
+    assert data.library_name == "timm" and data.license == "mit" and data.pipeline_tag == "image-classification"
+    assert {"image-classification", "timm", "cifar10", "resnet18"} <= set(data.tags)
     assert data.datasets == ["uoft-cs/cifar10"]
     assert data.base_model == get_backbone("resnet18").base_model
     (result,) = data.eval_results
@@ -52,15 +72,34 @@ def test_metadata_is_what_a_hub_user_expects():
 def test_sections_come_from_the_checkpoint_files():
     metrics, config = full_metrics(), config_for("resnet18")
     text = ModelCard(render_model_card(config, metrics, repo_id="alice/r18")).text
-    for ch, mean, std in zip("RGB", IMAGENET.mean, IMAGENET.std):  # the contract table
-        assert f"| {ch} | {mean:g} | {std:g} |" in text
+    contract = table(text, "## Normalization contract")  # channel | mean | std, read back as numbers
+    assert [row[0] for row in contract] == ["R", "G", "B"]
+    assert [number(row[1]) for row in contract] == pytest.approx(IMAGENET.mean, abs=5e-4)
+    assert [number(row[2]) for row in contract] == pytest.approx(IMAGENET.std, abs=5e-4)
     assert "Why it matters" in text
-    for key, acc in metrics["accuracy"].items():  # the per-variant accuracy table
-        assert f"| {variant_title(key)} | {100 * acc:.2f}% |" in text
+    accuracy = {row[0]: number(row[1]) for row in table(text, "## Accuracy")}  # preprocessing | test accuracy | ...
+    assert accuracy == {variant_title(k): pytest.approx(100 * v, abs=0.005) for k, v in metrics["accuracy"].items()}
+    assert 'timm.create_model("hf-hub:alice/r18", pretrained=True)' in text
     assert 'CifarTransferModel.from_pretrained("alice/r18")' in text and "model.classify(" in text
-    assert metrics["command"] in text and f"{metrics['train_wall_seconds'] / 60:.1f} min" in text
+    assert metrics["command"] in text and "12.6 min" in text  # 754.2 s of training
     assert metrics["environment"]["gpu"] in text
     assert "## Limitations" in text
+
+
+def test_card_snippets_run(tmp_path):
+    """The card's timm snippet, run as written against a local folder (hf-hub: swapped for local-dir:)."""
+    from PIL import Image
+
+    model = CifarTransferModel.from_backbone("efficientnet_lite0", input_size=32, pretrained=False, class_names=CLASSES)
+    folder = save_checkpoint(model, tmp_path / "ck")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "photo.jpg")
+    text = ModelCard.load(folder / "README.md").text
+    code = re.search(r"```python\n(import timm.*?)```", text, re.S).group(1)
+    assert len(code.strip().splitlines()) == 4
+    code = code.replace("hf-hub:USER/NAME", f"local-dir:{folder}").replace('"photo.jpg"', repr(str(tmp_path / "photo.jpg")))
+    printed = []
+    exec(code, {"print": printed.append})  # noqa: S102 - our own card's snippet
+    assert printed and printed[0] in CLASSES
 
 
 def test_base_model_is_left_out_where_there_is_none():
@@ -90,9 +129,10 @@ def test_subset_of_the_test_set_is_disclosed():
 def test_saved_checkpoint_card_is_regenerated_from_its_files(tmp_path):
     model = CifarTransferModel.from_backbone("efficientnet_lite0", input_size=32, pretrained=False)
     folder = save_checkpoint(model, tmp_path / "ck", {"accuracy": {"correct": 0.25}, "dataset": "CIFAR-10 (JPEG copy)"})
-    config = json.loads((folder / "config.json").read_text())
-    metrics = json.loads((folder / "metrics.json").read_text())
-    assert (folder / "README.md").read_text() == render_model_card(config, metrics)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "timm" and card.data.eval_results[0].metric_value == 0.25
+    assert {row[0]: number(row[1]) for row in table(card.text, "## Accuracy")} == {variant_title("correct"): 25.0}
+    assert "32x32" in card.text  # the checkpoint's own input size, not the backbone default
     (folder / "README.md").write_text("hand-edited: 99% accuracy")
     write_model_card(folder)
     assert ModelCard.load(folder / "README.md").data.eval_results[0].metric_value == 0.25
@@ -100,8 +140,10 @@ def test_saved_checkpoint_card_is_regenerated_from_its_files(tmp_path):
 
 def test_embedded_checkpoint_card_matches_its_files():
     config = json.loads((EMBEDDED_CHECKPOINT / "config.json").read_text())
-    metrics_path = EMBEDDED_CHECKPOINT / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    metrics = json.loads((EMBEDDED_CHECKPOINT / "metrics.json").read_text())
+    card = ModelCard.load(EMBEDDED_CHECKPOINT / "README.md")
+    assert card.data.library_name == "timm" and card.data.eval_results[0].metric_value == metrics["accuracy"]["correct"]
+    assert {row[0]: number(row[1]) for row in table(card.text, "## Accuracy")} == \
+        {variant_title(k): pytest.approx(100 * v, abs=0.005) for k, v in metrics["accuracy"].items()}
     assert (EMBEDDED_CHECKPOINT / "README.md").read_text() == render_model_card(config, metrics), \
-        "regenerate it: python -c \"from cifar_transfer.card import write_model_card as w; w('checkpoints/efficientnet_lite0-cifar10')\""
-
+        "stale card: regenerate it: python -c \"from cifar_transfer.card import write_model_card as w; w('checkpoints/efficientnet_lite0-cifar10')\""

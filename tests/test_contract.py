@@ -138,3 +138,77 @@ def test_cifar10_statistics_match_the_shared_training_set(shared_data):
     # the JPEG copy differs slightly from the original pixels the constants come from
     assert mean.tolist() == pytest.approx(list(C.CIFAR10_STATS.mean), abs=3e-3)
     assert std.tolist() == pytest.approx(list(C.CIFAR10_STATS.std), abs=3e-3)
+
+
+# -- value range, bicubic clamp, crop: what the transform really does ---------------------------------
+
+
+def black_and_white(size=8):
+    """Pixels at both ends of the range in every channel: the transform's output spans its whole value range."""
+    return half_black_half_white(size)
+
+
+@pytest.mark.parametrize("correct", [C.IMAGENET, C.MINUS_ONE_ONE, C.CIFAR10_STATS], ids=lambda c: c.name)
+def test_value_range_is_what_the_transform_produces(correct):
+    for key, contract in C.variant_contracts(correct.replace(input_size=8)).items():
+        out = contract.transform()(black_and_white())
+        lo, hi = contract.value_range()
+        assert (out.min().item(), out.max().item()) == pytest.approx((lo, hi), rel=1e-5, abs=1e-5), key
+
+
+def test_value_range_of_known_contracts():
+    assert C.MINUS_ONE_ONE.value_range() == pytest.approx((-1.0, 1.0))
+    assert C.IMAGENET.value_range() == pytest.approx(((0 - 0.485) / 0.229, (1 - 0.406) / 0.225))
+    raw = C.WRONG_VARIANTS["raw_0_255"].apply(C.MINUS_ONE_ONE)
+    assert raw.value_range() == pytest.approx((0.0, 255.0))
+    twice = C.WRONG_VARIANTS["normalized_twice"].apply(C.MINUS_ONE_ONE)
+    assert twice.value_range() == pytest.approx((-3.0, 1.0))  # (-1 - .5) / .5 and (1 - .5) / .5
+
+
+def test_bicubic_upscaling_stays_inside_the_pixel_range():
+    edge = black_and_white(8).float()
+    overshoot = torch.nn.functional.interpolate(edge, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+    assert overshoot.min() < 0 and overshoot.max() > 255  # what bicubic does to a hard edge, unclamped
+    contract = C.MINUS_ONE_ONE.replace(input_size=32, interpolation="bicubic")
+    out = contract.transform()(black_and_white(8))
+    assert out.min().item() == pytest.approx(-1.0) and out.max().item() == pytest.approx(1.0)
+
+
+def columns(h, w):
+    """(1, 3, h, w) uint8 image whose every pixel holds its column index."""
+    return torch.arange(w, dtype=torch.uint8).view(1, 1, 1, w).expand(1, 3, h, w).contiguous()
+
+
+def test_center_crop_keeps_the_middle_of_a_wide_image():
+    c = C.NormalizationContract("id", (0, 0, 0), (1, 1, 1), pixel_scale=255.0, input_size=32, crop_mode="center")
+    out = c.transform()(columns(32, 64))  # shorter side already 32: no resize, the middle 32 columns are kept
+    assert out.shape == (1, 3, 32, 32) and out[0, 0, 0].tolist() == list(range(16, 48))
+
+
+def test_squash_resizes_both_sides_and_crop_pct_cuts_the_border():
+    squash = C.NormalizationContract("id", (0, 0, 0), (1, 1, 1), pixel_scale=255.0, input_size=32, crop_mode="squash",
+                                     interpolation="nearest")
+    assert squash.transform()(columns(32, 64))[0, 0, 0].tolist() == list(range(0, 64, 2))
+    cropped = squash.replace(crop_mode="center", crop_pct=0.5)  # 64 px image: no resize, keep the central 32
+    assert cropped.transform()(columns(64, 64))[0, 0, 0].tolist() == list(range(16, 48))
+
+
+def test_timm_reads_the_same_preprocessing_from_pretrained_cfg():
+    import timm
+    from timm.data import resolve_data_config
+
+    c = C.MINUS_ONE_ONE.replace(input_size=128, crop_pct=0.9)
+    net = timm.create_model("tf_efficientnet_lite0", num_classes=3, pretrained_cfg_overlay=c.timm_data_config())
+    cfg = resolve_data_config(model=net)
+    assert cfg == {"input_size": (3, 128, 128), "interpolation": "bilinear", "mean": c.mean, "std": c.std,
+                   "crop_pct": 0.9, "crop_mode": "center"}
+    assert c.timm_disagreements(cfg) == []
+    assert c.replace(std=C.IMAGENET.std).timm_disagreements(cfg) == [
+        f"std: pretrained_cfg has {c.std!r}, the contract {list(C.IMAGENET.std)!r}"]
+
+
+@pytest.mark.parametrize("key", ["raw_0_255", "bgr", "normalized_twice"])
+def test_what_timm_cannot_express_is_refused_not_dropped(key):
+    wrong = C.WRONG_VARIANTS[key].apply(C.IMAGENET)
+    with pytest.raises(C.ContractError, match="cannot express"):
+        wrong.timm_data_config()

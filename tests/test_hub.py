@@ -121,8 +121,41 @@ def test_cli_publishes_one_commit_and_loads_back_identical(hub, client, checkpoi
     card = ModelCard.load(folder / "README.md")  # the card's YAML parses and carries metrics.json's accuracy
     metrics = json.loads((checkpoint / "metrics.json").read_text())
     assert card.data.eval_results[0].metric_value == metrics["accuracy"]["correct"]
-    assert card.data.pipeline_tag == "image-classification"
-    assert 'from_pretrained("alice/cifar-demo")' in card.text
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "timm"
+    assert 'from_pretrained("alice/cifar-demo")' in card.text and '"hf-hub:alice/cifar-demo"' in card.text
+
+
+def timm_outputs(repo_id: str, model: CifarTransferModel) -> torch.Tensor:
+    """Logits of the published model loaded by timm alone, on ``outputs``' pixels under the model's own contract."""
+    import timm
+
+    net = timm.create_model(f"hf-hub:{repo_id}", pretrained=True).eval()
+    assert tuple(net.pretrained_cfg["mean"]) == model.contract.mean and net.pretrained_cfg["label_names"] == model.class_names
+    pixels = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return net(model.preprocess(pixels))
+
+
+def test_timm_loads_the_published_model_with_identical_logits(hub, client, checkpoint, model):
+    publish(checkpoint, "alice/cifar-demo")
+    assert torch.equal(timm_outputs("alice/cifar-demo", model), outputs(model))
+    assert torch.equal(outputs(CifarTransferModel.from_pretrained("alice/cifar-demo")), outputs(model))
+    assert any(r["path"].startswith("/alice/cifar-demo/resolve/") for r in hub.requests)  # timm went through the Hub
+
+
+def test_mixin_push_to_hub_publishes_the_project_card_and_a_timm_checkpoint(hub, client, model):
+    from huggingface_hub import ModelCard
+
+    pushed = copy.deepcopy(model)
+    pushed.metrics = {"accuracy": {"correct": 0.75}, "dataset": "CIFAR-10 (JPEG copy)", "test_size": 40}
+    pushed.push_to_hub("alice/pushed", model_card_kwargs={"repo_id": "alice/pushed"})  # the mixin's public method
+    card = ModelCard(hub.file_bytes("alice/pushed", "README.md").decode())
+    assert card.data.library_name == "timm" and card.data.eval_results[0].metric_value == 0.75
+    assert "More Information Needed" not in card.text and '"hf-hub:alice/pushed"' in card.text
+    assert json.loads(hub.file_bytes("alice/pushed", "config.json"))["architecture"] == "tf_efficientnet_lite0"
+    assert torch.equal(timm_outputs("alice/pushed", model), outputs(model))
+    again = CifarTransferModel.from_pretrained("alice/pushed")
+    assert torch.equal(outputs(again), outputs(model)) and again.metrics == pushed.metrics
 
 
 def test_revision_branch_and_republish(hub, client, checkpoint, model, tmp_path):
