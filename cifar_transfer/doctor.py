@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
 from .data import IMAGE_EXTENSIONS
 from .meter import BatchNormProbe, reading
@@ -287,7 +288,7 @@ def load_model(ref: str, backbone_weights: str | None = None):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.doctor", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="a backbone name (e.g. efficientnet_lite0) or a checkpoint folder")
     p.add_argument("images", metavar="IMAGES_DIR", nargs="?", help="folder of images (searched recursively); default: built-in examples")
     p.add_argument("--backbone-weights", metavar="FILE", help="local weights file <arch>-<sha256 prefix>.pth (ResNets offline)")

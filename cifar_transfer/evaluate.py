@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts, variant_title
 
 
@@ -71,7 +72,7 @@ def format_table(accuracies: dict[str, float], reference: dict[str, float] | Non
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.evaluate", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint folder (or Hugging Face Hub repo id)")
     p.add_argument("--data-dir", metavar="DIR", help="local data (train/ + test/ class folders, or cifar-10-batches-py); default: torchvision download")
     p.add_argument("--variants", nargs="*", metavar="KEY", choices=list(WRONG_VARIANTS),

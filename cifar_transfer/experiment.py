@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 
 FORMAT = "cifar_transfer.experiment/1"
@@ -476,7 +477,7 @@ def _save(fig, path: Path, write) -> Path:
 def get_args_parser() -> argparse.ArgumentParser:
     d = ExperimentConfig()
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.experiment", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     from .backbones import BACKBONES
 
     p.add_argument("--backbone", default=d.backbone, choices=sorted(BACKBONES), help="pretrained backbone (resnet* download their weights)")

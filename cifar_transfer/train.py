@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
+from .cli import HelpFormatter
 from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, get_backbone
 from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE, evaluate_variants, predict_logits
 from .checkpoint import atomic_write_bytes
@@ -103,7 +104,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m cifar_transfer.train",
         description="Fine-tune an ImageNet-pretrained backbone on CIFAR-10 and write a self-describing checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=sorted(BACKBONES),
