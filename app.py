@@ -430,6 +430,12 @@ if __name__ == "__main__":
         demo = build_demo(args.checkpoint, args.revision)
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
-    launch(demo, host=args.host, port=args.port, share=args.share)
+    # Gradio's own start-up lines tell a user to "set share=True in launch()"; this app's switch is --share.
+    _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, quiet=True,
+                                     prevent_thread_lock=True)
+    print(f"* Running on {local_url}", flush=True)
+    print(f"* Public link (72 h): {share_url}" if share_url else
+          "* To share a public link too, run again with --share (or set CIFAR_TRANSFER_SHARE=1).", flush=True)
+    demo.block_thread()
 else:
     demo = build_demo()

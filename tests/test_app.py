@@ -99,3 +99,28 @@ def test_bad_checkpoint_gives_a_clear_error(tmp_path):
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode != 0
     assert "checkpoint folder not found" in out.stderr
+
+
+def test_startup_lines_name_the_apps_own_share_switch():
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--port", str(port)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "--share" in line or len(lines) > 200:
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    text = "".join(lines)
+    assert f"Running on http://127.0.0.1:{port}" in text
+    assert "run again with --share" in text
+    assert "share=True" not in text
