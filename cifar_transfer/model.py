@@ -20,7 +20,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from . import backbones
-from .backbones import DEFAULT_BACKBONE, BackboneError, BackboneSpec, backbone_for_architecture, get_backbone
+from .backbones import DEFAULT_BACKBONE, BackboneError, backbone_for_architecture, get_backbone
 from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import these from here
     CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, TAGS, WEIGHTS_NAME,
     CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config, check_timm_agrees,
@@ -89,10 +89,6 @@ class CifarTransferModel(
         if pretrained:
             backbones.load_pretrained(model.net, spec.pretrained_state_dict(weights_file))
         return model
-
-    @property
-    def spec(self) -> BackboneSpec:
-        return get_backbone(self.backbone)
 
     # -- inference ----------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
