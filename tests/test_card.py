@@ -147,3 +147,10 @@ def test_embedded_checkpoint_card_matches_its_files():
         {variant_title(k): pytest.approx(100 * v, abs=0.005) for k, v in metrics["accuracy"].items()}
     assert (EMBEDDED_CHECKPOINT / "README.md").read_text() == render_model_card(config, metrics), \
         "stale card: regenerate it: python -c \"from cifar_transfer.card import write_model_card as w; w('checkpoints/efficientnet_lite0-cifar10')\""
+
+
+def test_readme_timm_snippet_is_the_cards_tested_snippet():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    card = render_model_card(config_for("efficientnet_lite0"), None)
+    find = lambda text: re.search(r"```python\n(import timm.*?)```", text, re.S).group(1)  # noqa: E731
+    assert find(readme) == find(card)  # test_card_snippets_run runs it
