@@ -31,6 +31,26 @@ from .contract import ContractError, NormalizationContract
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
+def check_pixels(pixels: torch.Tensor) -> None:
+    """Refuse what is not ``(N, 3, H, W)`` pixels in 0..255: the silent-mistake shapes and ranges, loudly."""
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3:
+        shape = tuple(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+        raise ValueError(f"classify takes (N, 3, H, W) RGB pixels; got {shape}")
+    if pixels.dtype == torch.uint8 or pixels.numel() == 0:
+        return
+    if pixels.is_complex() or pixels.dtype == torch.bool:
+        raise ValueError(f"classify takes uint8 pixels 0..255; got dtype {pixels.dtype}")
+    lo, hi = float(pixels.min()), float(pixels.max())
+    if lo < 0:
+        raise ValueError(f"classify takes pixels in 0..255; got values down to {lo:.3g}: this input looks already "
+                         "normalized (pass the raw pixels: the model applies its own contract)")
+    if hi > 255:
+        raise ValueError(f"classify takes pixels in 0..255; got values up to {hi:.4g}")
+    if pixels.is_floating_point() and hi <= 1.0:
+        raise ValueError("classify takes pixels in 0..255; got floats in [0, 1] (scaled like ToTensor's output?): "
+                         "pass uint8 pixels, or multiply by 255")
+
+
 class CifarTransferModel(
     nn.Module,
     PyTorchModelHubMixin,
@@ -95,7 +115,13 @@ class CifarTransferModel(
         return self.net(x)
 
     def classify(self, pixels: torch.Tensor, contract: NormalizationContract | None = None) -> torch.Tensor:
-        """Logits for ``(N, 3, H, W)`` RGB pixels in 0..255 under the model's contract (or an explicit override)."""
+        """Logits for ``(N, 3, H, W)`` RGB pixels in 0..255 under the model's contract (or an explicit override).
+
+        Pass ``uint8`` pixels. Other dtypes must hold 0..255 values too: float input in [0, 1] (the
+        ``ToTensor`` habit) or with negative values (already normalized) raises ``ValueError`` instead of
+        being silently misread, which is the very bug this project is about.
+        """
+        check_pixels(pixels)
         transform = self.preprocess if contract is None else contract.transform()
         return self(transform(pixels.to(self.device)))
 

@@ -4,6 +4,7 @@ import copy
 import hashlib
 import json
 import pickle
+import re
 
 import pytest
 import timm
@@ -286,3 +287,18 @@ def test_timm_resnet18_with_torchvision_weights_computes_torchvision_resnet18(tm
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(net.eval()(x), reference.eval()(x), atol=1e-5)
+
+
+def test_classify_refuses_pixels_it_would_misread(embedded_model, example_images):
+    """A cat read as float [0, 1] became a bird at 22%: the project's own API must not commit the bug."""
+    from cifar_transfer.predictor import load_image
+
+    model, _ = embedded_model
+    pixels = load_image(example_images[0])[None]
+    with torch.inference_mode():
+        reference = model.classify(pixels)
+        assert torch.allclose(model.classify(pixels.float()), reference)  # floats holding 0..255 are fine
+        for bad, words in [(pixels.float() / 255, "floats in [0, 1]"), (pixels.float() / 127.5 - 1, "already normalized"),
+                           (pixels.float() * 2, "up to"), (pixels[0], "(N, 3, H, W)"), (pixels.permute(0, 2, 3, 1), "(N, 3, H, W)")]:
+            with pytest.raises(ValueError, match=re.escape(words)):
+                model.classify(bad)
