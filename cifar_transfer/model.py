@@ -101,13 +101,18 @@ class CifarTransferModel(
         input_size: int | None = None,
         pretrained: bool = True,
         weights_file: str | None = None,
+        pretrained_state: dict | None = None,
     ) -> "CifarTransferModel":
-        """A new model for fine-tuning: pretrained backbone, fresh head, the backbone's contract."""
+        """A new model for fine-tuning: pretrained backbone, fresh head, the backbone's contract.
+
+        The ImageNet weights are downloaded, read from ``weights_file``, or given as ``pretrained_state``
+        (the backbone's ``pretrained_state_dict``, fetched earlier so that a failure comes first)."""
         spec = get_backbone(backbone)
         contract = spec.contract.replace(input_size=input_size or spec.defaults.get("input_size", spec.contract.input_size))
         model = cls(architecture=spec.architecture, label_names=class_names, contract=contract, **spec.train_args)
         if pretrained:
-            backbones.load_pretrained(model.net, spec.pretrained_state_dict(weights_file))
+            state = pretrained_state if pretrained_state is not None else spec.pretrained_state_dict(weights_file)
+            backbones.load_pretrained(model.net, state)
         return model
 
     # -- inference ----------------------------------------------------------

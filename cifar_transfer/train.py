@@ -20,6 +20,7 @@ import math
 import os
 import shlex
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,6 +257,16 @@ def train(cfg: TrainConfig) -> Path:
             torch.distributed.destroy_process_group()
 
 
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a file in it, or stop with a clear message (before hours of training)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise SystemExit(f"error: cannot write the checkpoint to {folder}: {exc.strerror or exc}") from None
+
+
 def _train(cfg: TrainConfig, dist: Dist) -> Path:
     t_start = time.perf_counter()
     if cfg.threads:
@@ -275,6 +286,11 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                              "(checked before training so a long run is not wasted)")
     if cfg.batch_size % dist.world_size:
         raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({dist.world_size})")
+    # What can fail fast fails before the slow work (decoding the dataset): the ImageNet weights
+    # (a download, or --backbone-weights) and a writable output folder.
+    pretrained = get_backbone(cfg.backbone).pretrained_state_dict(cfg.backbone_weights)
+    if dist.main:
+        check_writable(out)
 
     ds = data_mod.load_dataset(cfg.data_dir, image_size=cfg.image_size, download=cfg.download, classes=cfg.classes,
                                max_per_class=cfg.max_per_class, max_test_per_class=cfg.max_test_per_class)
@@ -283,7 +299,8 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     say(f"data: {ds.name} from {ds.source}: {len(ds.train)} train, {len(eval_split)} {eval_name}, {len(ds.classes)} classes")
 
     model = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size,
-                                             weights_file=cfg.backbone_weights)
+                                             pretrained_state=pretrained)
+    del pretrained
     say(f"model: {cfg.backbone}, contract {model.contract.name} mean={model.contract.mean} std={model.contract.std}, "
         f"input {cfg.input_size}px, {cfg.freeze_stages} of {len(model.stages)} stages frozen")
     model.to(device)

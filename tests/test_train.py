@@ -137,3 +137,31 @@ def test_evaluate_refuses_a_broken_checkpoint(tmp_path):
     (tmp_path / "ck" / "config.json").write_text("{")
     with pytest.raises(SystemExit, match="not valid JSON"):
         evaluate_main([str(tmp_path / "ck"), "--data-dir", str(tmp_path)])
+
+
+def test_missing_imagenet_weights_fail_before_the_data_is_read(tiny_data, tmp_path, monkeypatch):
+    """A ResNet without its weights (offline, no --backbone-weights) stops at once, not after decoding the data."""
+    from cifar_transfer import data
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    import torchvision
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the data was read before the weights check"))
+    with pytest.raises(SystemExit, match="(?s)cannot download the ImageNet weights for resnet18.*--backbone-weights"):
+        run_train(["--backbone", "resnet18", "--data-dir", tiny_data, "--output", tmp_path / "ck", "--no-progress"])
+    with pytest.raises(SystemExit, match="weights file not found|no such file|does not exist"):
+        run_train(["--backbone", "resnet18", "--backbone-weights", tmp_path / "resnet18-f37072fd.pth",
+                   "--data-dir", tiny_data, "--output", tmp_path / "ck", "--no-progress"])
+
+
+def test_unwritable_output_folder_fails_before_the_data_is_read(tiny_data, tmp_path, monkeypatch):
+    from cifar_transfer import data
+
+    monkeypatch.setattr(data, "load_dataset", lambda *a, **k: pytest.fail("the data was read before the output check"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="cannot write the checkpoint to"):
+        run_train([*TINY, "--data-dir", tiny_data, "--output", blocker / "ck"])
