@@ -80,8 +80,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help=EVAL_BATCH_HELP)
     p.add_argument("--tta-flip", default=None, action=argparse.BooleanOptionalAction,
                    help="average each image with its mirror (default: as the checkpoint was evaluated)")
-    p.add_argument("--classes", nargs="+", metavar="NAME", help="score these classes only (as the checkpoint was trained)")
-    p.add_argument("--max-test-per-class", type=int, help="score only the first N test images of each class")
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="score these classes only (default: the classes the checkpoint was trained on)")
+    p.add_argument("--max-test-per-class", type=int, metavar="N",
+                   help="score only the first N test images of each class; 0: all (default: as the checkpoint was evaluated)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--write", action="store_true", help="store the accuracies in the checkpoint's metrics.json and refresh its model card")
@@ -105,7 +107,13 @@ def main(argv: list[str] | None = None) -> None:
         print(note)
         metrics = read_metrics(folder) or {}
         tta = metrics.get("tta_flip", False) if args.tta_flip is None else args.tta_flip
-        ds = load_dataset(args.data_dir, classes=args.classes, max_per_class=1, max_test_per_class=args.max_test_per_class)
+        trained = metrics.get("train_config") or {}
+        classes = args.classes or trained.get("classes")
+        per_class = trained.get("max_test_per_class") if args.max_test_per_class is None else (args.max_test_per_class or None)
+        if args.max_test_per_class is None and per_class:
+            print(f"scoring the first {per_class} test images per class, as the checkpoint was evaluated "
+                  "(--max-test-per-class 0 scores all)")
+        ds = load_dataset(args.data_dir, classes=classes, max_per_class=1, max_test_per_class=per_class)
     except (CheckpointError, DataError) as exc:
         raise SystemExit(f"error: {exc}") from None
     if ds.classes != model.class_names:

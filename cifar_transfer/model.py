@@ -189,6 +189,25 @@ class CifarTransferModel(
         return _AtomicCard(render_model_card(self.config(), self.metrics, repo_id))
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "CifarTransferModel":
+        """The mixin's ``from_pretrained`` (a folder or a Hub repo id), with Hub failures as one clear
+        :class:`CheckpointError` (offline and not cached, unreachable, no such repo) instead of the client's own."""
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
+            from huggingface_hub import constants
+
+            from .hub import describe_hub_error
+
+            reason = describe_hub_error(exc)
+            if constants.is_offline_mode() and "offline" not in reason:
+                reason = f"offline mode, HF_HUB_OFFLINE=1, and {reason}"
+            raise CheckpointError(f"cannot load {pretrained_model_name_or_path} from the Hugging Face Hub or its cache: "
+                                  f"{reason}") from None
+
+    @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
                          map_location: str = "cpu", strict: bool = True, **model_kwargs):
         from safetensors import SafetensorError

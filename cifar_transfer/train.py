@@ -230,7 +230,8 @@ class FeatureCache:
     """Frozen-prefix outputs for ``views`` augmented copies of a split, stored in fp16."""
 
     def __init__(self, prefix: nn.Module, split: data_mod.Split, preprocess: nn.Module, device: torch.device,
-                 views: int, seed: int, batch_size: int, channels_last: bool, progress: bool, augment: bool):
+                 views: int, seed: int, batch_size: int, channels_last: bool, progress: bool, augment: bool,
+                 name: str = "train"):
         self.labels = split.labels
         self.views: list[torch.Tensor] = []
         from tqdm.auto import tqdm
@@ -239,7 +240,7 @@ class FeatureCache:
             loader = data_mod.BatchLoader(split, batch_size, augment=augment and v > 0, seed=seed + 1000 * v)
             chunks = []
             with torch.inference_mode():
-                for x, _ in tqdm(loader, desc=f"caching view {v + 1}/{views}", disable=not progress, leave=False):
+                for x, _ in tqdm(loader, desc=f"caching {name} features, view {v + 1}/{views}", disable=not progress, leave=False):
                     x = preprocess(x.to(device))
                     if channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
@@ -345,7 +346,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
         cache = FeatureCache(prefix, shard, model.preprocess, device, cfg.cache_views, cfg.seed, CACHE_BATCH,
                              cfg.channels_last, cfg.progress and dist.main, augment=True)
         eval_cache = FeatureCache(prefix, eval_split, model.preprocess, device, 1, cfg.seed, CACHE_BATCH,
-                                  cfg.channels_last, cfg.progress and dist.main, augment=False) if dist.main else None
+                                  cfg.channels_last, cfg.progress and dist.main, augment=False, name=eval_name) if dist.main else None
         say(f"cached {cfg.cache_views} view(s) of {len(shard)} images -> {tuple(cache.views[0].shape[1:])} in {time.perf_counter() - t0:.0f}s")
         steps_per_epoch = len(shard) // per_rank_batch
     else:

@@ -302,3 +302,14 @@ def test_classify_refuses_pixels_it_would_misread(embedded_model, example_images
                            (pixels.float() * 2, "up to"), (pixels[0], "(N, 3, H, W)"), (pixels.permute(0, 2, 3, 1), "(N, 3, H, W)")]:
             with pytest.raises(ValueError, match=re.escape(words)):
                 model.classify(bad)
+
+
+def test_from_pretrained_offline_says_why_in_one_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    from cifar_transfer.model import CheckpointError, CifarTransferModel
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CheckpointError, match="cannot load someone/some-model from the Hugging Face Hub or its cache: "
+                                              "offline mode"):
+        CifarTransferModel.from_pretrained("someone/some-model", cache_dir=tmp_path)

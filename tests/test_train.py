@@ -165,3 +165,15 @@ def test_unwritable_output_folder_fails_before_the_data_is_read(tiny_data, tmp_p
     blocker.write_text("x")
     with pytest.raises(SystemExit, match="cannot write the checkpoint to"):
         run_train([*TINY, "--data-dir", tiny_data, "--output", blocker / "ck"])
+
+
+def test_evaluate_scores_as_the_checkpoint_was_trained(tiny_data, tmp_path, capsys):
+    """A checkpoint trained on the first 2 test images per class is evaluated on those unless told otherwise."""
+    ck = tmp_path / "ck"
+    run_train([*TINY, "--data-dir", tiny_data, "--output", ck, "--epochs", "1", "--max-test-per-class", "2", "--no-variants"])
+    capsys.readouterr()
+    evaluate_main([str(ck), "--data-dir", str(tiny_data), "--variants"])
+    out = capsys.readouterr().out
+    assert ", 6 test images," in out and "as the checkpoint was evaluated" in out
+    evaluate_main([str(ck), "--data-dir", str(tiny_data), "--variants", "--max-test-per-class", "0"])
+    assert ", 12 test images," in capsys.readouterr().out
