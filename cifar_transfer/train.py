@@ -542,7 +542,9 @@ def _variant_keys(cfg: TrainConfig):
 @torch.no_grad()
 def _accuracy(model: CifarTransferModel, split: data_mod.Split, device: torch.device, cfg: TrainConfig) -> float:
     model.eval()
-    logits = predict_logits(model, split, device=device, batch_size=cfg.eval_batch_size, tta_flip=cfg.tta_flip)
+    # PyTorch: the weights change every epoch, an ONNX export each time would cost more than it saves
+    logits = predict_logits(model, split, device=device, batch_size=cfg.eval_batch_size, tta_flip=cfg.tta_flip,
+                            engine="pytorch")
     return (logits.argmax(1) == split.labels).float().mean().item()
 
 

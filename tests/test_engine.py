@@ -141,3 +141,20 @@ def test_auto_prefers_onnxruntime_on_cpu_and_pytorch_when_asked(tmp_path):
     net = tiny_model()
     assert isinstance(make_engine(net, bn_layers(net), 32, folder=tmp_path), OnnxEngine)
     assert isinstance(make_engine(net, bn_layers(net), 32, prefer="pytorch", folder=tmp_path), TorchEngine)
+
+
+def test_evaluation_gives_the_same_accuracies_with_either_engine(embedded_model, example_images, tmp_path, monkeypatch):
+    """evaluate's default engine on a CPU is ONNX Runtime: the scores must not depend on it."""
+    from cifar_transfer.data import Split
+    from cifar_transfer.evaluate import evaluate_variants
+
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    model, _ = embedded_model
+    images = torch.stack([load_image(p) for p in example_images])
+    labels = torch.tensor([model.class_names.index(p.name.split("_")[0]) for p in example_images])
+    split = Split(images, labels)
+    torch_acc = evaluate_variants(model, split, engine="pytorch", tta_flip=True)
+    onnx_acc = evaluate_variants(model, split, engine="auto", tta_flip=True)
+    assert onnx_acc == torch_acc and set(onnx_acc) == {CORRECT_KEY, *WRONG_VARIANTS}
+    assert torch_acc[CORRECT_KEY] >= 0.75  # the examples are test images the model gets right
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx")), "auto did not use ONNX Runtime on the CPU"
