@@ -177,3 +177,22 @@ def test_evaluate_scores_as_the_checkpoint_was_trained(tiny_data, tmp_path, caps
     assert ", 6 test images," in out and "as the checkpoint was evaluated" in out
     evaluate_main([str(ck), "--data-dir", str(tiny_data), "--variants", "--max-test-per-class", "0"])
     assert ", 12 test images," in capsys.readouterr().out
+
+
+def test_feature_cache_is_the_same_through_onnx_runtime(tiny_data, tmp_path, monkeypatch):
+    """The recipe caches the frozen prefix's features with ONNX Runtime on a CPU: the same features as PyTorch."""
+    from cifar_transfer import data
+    from cifar_transfer.model import CifarTransferModel
+
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    ds = data.load_dataset(str(tiny_data), image_size=32)
+    model = CifarTransferModel.from_backbone("efficientnet_lite0", class_names=ds.classes, input_size=64).eval()
+    prefix = torch.nn.Sequential(*list(model.stages)[:3]).eval()
+    common = dict(split=ds.train, preprocess=model.preprocess, device=torch.device("cpu"), views=2, seed=0, batch_size=8,
+                  channels_last=False, progress=False, augment=True, input_size=64)
+    with_torch = train_mod.FeatureCache(prefix, engine="pytorch", **common)
+    with_onnx = train_mod.FeatureCache(prefix, engine="auto", **common)
+    assert list((tmp_path / "cache" / "onnx").glob("*.onnx")), "auto did not use ONNX Runtime"
+    for a, b in zip(with_torch.views, with_onnx.views):
+        assert a.shape == b.shape and a.dtype == torch.float16
+        assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=1e-2)  # fp16 storage of the same values
