@@ -39,9 +39,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-minutes", type=float, default=28.0,
                    help="training budget per run (the schedule follows it); the final test evaluation comes on top, "
                         "and 28 + that evaluation stays under 30 minutes on 2 cores")
-    p.add_argument("--recipe-output", default=str(ROOT / "checkpoints" / "efficientnet_lite0-cifar10"),
+    p.add_argument("--recipe-output", default=str(Path("runs") / "time_to_accuracy" / "recipe"),
                    help="checkpoint folder the recipe writes")
-    p.add_argument("--out", default=str(ROOT / "results" / "time_to_accuracy"), help="folder for CSV, JSON and PNG")
+    p.add_argument("--out", default=str(Path("runs") / "time_to_accuracy"),
+                   help="folder for CSV, JSON and PNG (the README's are in results/time_to_accuracy: pass that to replace them)")
     p.add_argument("--runs", nargs="+", default=["recipe", "baseline"], choices=["recipe", "baseline"], help="which runs")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train flags for both runs (e.g. --max-per-class 100)")
     return p

@@ -181,7 +181,7 @@ class ExperimentConfig:
     variants: list[str] | None = None  # None: every wrong variant
     seed: int = 0
     threads: int | None = None
-    output: str = str(RESULTS_DIR)
+    output: str | None = None  # None: a fresh runs/experiment-<UTC time> folder (never the shipped results)
     progress: bool = True
     command: str = ""
 
@@ -499,7 +499,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="a longer run (" + ", ".join(f"{k}={v}" for k, v in LONG.items()) + "); explicit flags still win")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for initialisation, shuffling and augmentation")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch")
-    p.add_argument("--output", default=d.output, metavar="DIR", help="where results.json and the PNGs go")
+    p.add_argument("--output", default=d.output, metavar="DIR",
+                   help="where results.json and the PNGs go (default: a fresh runs/experiment-<UTC time>/; the app's tab "
+                        "shows results/experiment, pass that to replace it)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--summary", action="store_true", help="only print the markdown summary of the results in --output")
     return p
@@ -516,6 +518,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, b
                 given[key] = value
     summary = given.pop("summary")
     given.pop("long")
+    if given["output"] is None:
+        given["output"] = str(RESULTS_DIR) if summary else str(Path("runs") / time.strftime("experiment-%Y%m%d-%H%M%S", time.gmtime()))
     cfg = ExperimentConfig(**given)
     cfg.command = "python -m cifar_transfer.experiment " + shlex.join(argv_list)
     for key in ("steps", "batch_size", "eval_every", "input_size", "max_per_class"):

@@ -6,6 +6,7 @@ Runs on a tiny generated class-folder dataset, so it needs no ../shared.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,25 @@ def test_long_preset_yields_to_explicit_flags():
     assert cfg.steps == 10 and cfg.max_per_class == exp.LONG["max_per_class"] and not summary
     cfg, _ = exp.config_from_args([])
     assert cfg.steps == exp.ExperimentConfig().steps
+
+
+def test_no_command_writes_over_shipped_results_by_default(monkeypatch, tmp_path):
+    import importlib.util
+
+    from cifar_transfer.experiment import RESULTS_DIR, config_from_args
+
+    from .conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    cfg, summary = config_from_args([])
+    assert not summary and Path(cfg.output).resolve() != RESULTS_DIR.resolve()
+    assert Path(cfg.output).parts[0] == "runs" and Path(cfg.output).name.startswith("experiment-")
+    cfg, summary = config_from_args(["--summary"])  # reading the shipped results is fine
+    assert summary and Path(cfg.output) == RESULTS_DIR
+    spec = importlib.util.spec_from_file_location("tta", REPO / "benchmarks" / "time_to_accuracy.py")
+    tta = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tta)
+    args = tta.get_args_parser().parse_args(["--data-dir", str(tmp_path)])
+    shipped = {(REPO / "checkpoints").resolve(), (REPO / "results").resolve()}
+    for path in (args.recipe_output, args.out):
+        assert not any(Path(path).resolve().is_relative_to(s) for s in shipped), path
