@@ -236,11 +236,6 @@ def batch_divergence(probe, running_mean: torch.Tensor, running_var: torch.Tenso
     return d.mean(dim=1).mean().item()
 
 
-def grad_norm(params: list[nn.Parameter]) -> float:
-    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
 # -- one fine-tuning run ------------------------------------------------------------------------
 
 
@@ -250,7 +245,7 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
 
     from . import data as data_mod
     from .meter import BatchNormProbe, first_batchnorm
-    from .train import _param_groups, lr_at
+    from .train import lr_at, make_optimizer, train_step
 
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(initial)
@@ -261,7 +256,13 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
     for p in prefix.parameters():
         p.requires_grad_(False)
     params = [p for p in body.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(_param_groups(body, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt = make_optimizer(body, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = prefix(x)
+        return body(x)
+
     loss_fn = nn.CrossEntropyLoss()
     bn = first_batchnorm(model)
     probe_pixels = ds.val.images[:256]
@@ -293,13 +294,7 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
             group["lr"] = lr
         running = bn.running_mean.clone(), bn.running_var.clone()
         with BatchNormProbe(model) as probe:
-            x = transform(xb)
-            with torch.no_grad():
-                x = prefix(x)
-            loss = loss_fn(body(x), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = grad_norm(params)
+            loss, _, norm = train_step(forward, transform(xb), yb, opt, loss_fn, norm_of=params)  # no step if not finite
         s = record["steps"]
         s["train_loss"].append(_round(loss.item()))
         s["grad_norm"].append(_round(norm))
@@ -308,7 +303,6 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
         if not (math.isfinite(loss.item()) and math.isfinite(norm)):
             record["collapsed_at"] = step  # loss or gradient is no longer a number: training has collapsed
             break
-        opt.step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["eval"]["step"].append(step)
             record["eval"]["val_acc"].append(_round(accuracy(model, ds.val, contract)))

@@ -213,12 +213,55 @@ def init_distributed(device_arg: str) -> Dist:
 # -- the trainer ---------------------------------------------------------------------
 
 
-def _param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: weight decay on weights, none on biases and norm scales (1-D)."""
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
+    """SGD (Nesterov) or AdamW over :func:`param_groups`: the one optimizer builder of train and the experiment."""
+    if name == "sgd":
+        return torch.optim.SGD(param_groups(module, weight_decay), lr=lr, momentum=momentum, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: sgd or adamw")
+
+
+def grad_norm(params) -> float:
+    """The L2 norm of all gradients together (0.0 when there are none)."""
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+
+
+def train_step(forward, x: torch.Tensor, y: torch.Tensor, opt, loss_fn, *, scaler=None, amp_dtype=None,
+               norm_of=None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """One optimisation step, the one of train and the experiment: ``forward(x)`` under autocast
+    (``amp_dtype``), the loss, backward (scaled by ``scaler`` for fp16), then the step.
+
+    With ``norm_of`` (parameters) the gradients' norm is measured (unscaled) and returned, and a
+    non-finite loss or norm skips the step: the caller decides whether that is a collapse.
+    Returns ``(loss, logits, norm)``.
+    """
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = forward(x)
+        loss = loss_fn(logits.float(), y)
+    opt.zero_grad(set_to_none=True)
+    if scaler is None:
+        scaler = torch.amp.GradScaler(x.device.type, enabled=False)
+    scaler.scale(loss).backward()
+    norm = None
+    if norm_of is not None:
+        scaler.unscale_(opt)
+        norm = grad_norm(norm_of)
+        if not (math.isfinite(loss.item()) and math.isfinite(norm)):
+            return loss, logits, norm
+    scaler.step(opt)
+    scaler.update()
+    return loss, logits, norm
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -333,10 +376,13 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     if dist.enabled:
         body = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
 
-    if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(_param_groups(trainable, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    else:
-        opt = torch.optim.AdamW(_param_groups(trainable, cfg.weight_decay), lr=cfg.lr)
+    opt = make_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if cache is None and n_frozen:  # without cached features the frozen prefix runs here, without gradients
+            with torch.no_grad():
+                x = prefix(x)
+        return body(x)
     amp = cfg.amp if cfg.amp != "auto" else ("fp16" if device.type == "cuda" else "off")
     amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
@@ -431,16 +477,7 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                     progress = max(progress, (elapsed() - train_start) / (budget_s - train_start))
                 for group in opt.param_groups:
                     group["lr"] = lr_at(progress, cfg.lr, cfg.warmup)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    if cache is None and n_frozen:
-                        with torch.no_grad():
-                            x = prefix(x)
-                    logits = body(x)
-                    loss = loss_fn(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
+                loss, logits, _ = train_step(forward, x, y, opt, loss_fn, scaler=scaler, amp_dtype=amp_dtype)
                 loss_sum += loss.item() * len(y)
                 correct += (logits.argmax(1) == y).sum().item()
                 seen += len(y)

@@ -1,6 +1,7 @@
 """Training CLI: a real short run, resume after Ctrl-C, DistributedDataParallel, evaluation CLI."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -196,3 +197,45 @@ def test_feature_cache_is_the_same_through_onnx_runtime(tiny_data, tmp_path, mon
     for a, b in zip(with_torch.views, with_onnx.views):
         assert a.shape == b.shape and a.dtype == torch.float16
         assert torch.allclose(a.float(), b.float(), atol=2e-2, rtol=1e-2)  # fp16 storage of the same values
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    lr_at = train_mod.lr_at
+    assert lr_at(0.0, 0.05, 0.1) == 0.0
+    assert lr_at(0.05, 0.05, 0.1) == pytest.approx(0.025)  # half-way through the warm-up
+    assert lr_at(0.1, 0.05, 0.1) == pytest.approx(0.05)  # the peak, where the warm-up ends
+    assert lr_at(0.55, 0.05, 0.1) == pytest.approx(0.025)  # half-way through the cosine
+    assert lr_at(1.0, 0.05, 0.1) == pytest.approx(0.0, abs=1e-12)
+    assert lr_at(0.3, 0.05, 0.0) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 0.3)))
+    assert lr_at(1.7, 0.05, 0.1) == pytest.approx(0.0, abs=1e-12) and lr_at(-1, 0.05, 0.1) == 0.0  # clamped
+
+
+def test_train_step_steps_on_finite_loss_and_skips_a_diverged_one():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = train_mod.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    before = net.weight.detach().clone()
+    loss, logits, norm = train_mod.train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), norm_of=list(net.parameters()))
+    assert logits.shape == (8, 3) and norm > 0 and not torch.equal(net.weight, before)
+    after = net.weight.detach().clone()
+    loss, _, norm = train_mod.train_step(net, x * float("inf"), y, opt, torch.nn.CrossEntropyLoss(),
+                                         norm_of=list(net.parameters()))
+    assert not (math.isfinite(loss.item()) and math.isfinite(norm))  # diverged: reported as such...
+    assert torch.equal(net.weight, after)  # ...and the weights are left as they were
+
+
+def test_flip_tta_averages_each_image_with_its_mirror(embedded_model, example_images):
+    """The headline accuracy uses flip test-time augmentation: it must be the mean of the two views' probabilities."""
+    from cifar_transfer.data import Split
+    from cifar_transfer.evaluate import predict_logits
+    from cifar_transfer.predictor import load_image
+
+    model, _ = embedded_model
+    images = torch.stack([load_image(p) for p in example_images])
+    split = Split(images, torch.zeros(len(images), dtype=torch.long))
+    plain = predict_logits(model, split, engine="pytorch")
+    mirrored = predict_logits(model, Split(images.flip(3), split.labels), engine="pytorch")
+    tta = predict_logits(model, split, engine="pytorch", tta_flip=True)
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror is a different view, so TTA changes something
