@@ -29,6 +29,7 @@ from cifar_transfer.contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VA
 from cifar_transfer.experiment import build_experiment_tab
 from cifar_transfer.gradio_inputs import PathCheckedImage, UncheckedChoices
 from cifar_transfer.hub import resolve_checkpoint
+from cifar_transfer.meter import CALIBRATION_FILE
 from cifar_transfer.model import CheckpointError, read_metrics
 from cifar_transfer.predictor import ImageInputError, Predictor, VariantError, shorten
 from cifar_transfer.uploads import (MAX_BYTES, PARTIAL_AGE_S, SWEEP_EVERY_S, UPLOAD_AGE_S, UploadGuard, UploadJanitor,
@@ -68,6 +69,7 @@ CSS = """
 .meter-chip.level-ok { background: #1b5e20; color: #fff; }
 .meter-chip.level-drifting { background: #f9a825; color: #1a1a1a; }
 .meter-chip.level-broken { background: #b71c1c; color: #fff; }
+.meter-chip.level-unknown { background: #e0e0e0; color: #1a1a1a; }
 .meter-bar { height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; margin: 6px 0; }
 .meter-fill { height: 100%; }
 .values { margin-top: 4px; color: var(--body-text-color-subdued); }
@@ -169,8 +171,9 @@ def meter_html(variant: dict, contract_range: tuple[float, float]) -> str:
     """The contract meter of one panel, and what the values fed to the network were."""
     meter = variant["meter"]
     d = meter["divergence"]
-    number = f"{d:.2f}" if d < 10 else f"{d:,.0f}"
-    fill = max(3.0, min(100.0, 100 * math.log10(1 + d) / 5))  # log scale, full at D = 100,000
+    known = isinstance(d, (int, float)) and math.isfinite(d)
+    number = "—" if not known else f"{d:.2f}" if d < 10 else f"{d:,.0f}"
+    fill = max(3.0, min(100.0, 100 * math.log10(1 + max(d, 0.0)) / 5)) if known else 3.0  # log scale, full at 100,000
     colour = html.escape(meter["colour"])
     level = html.escape(meter["level"])
     lo, hi = variant.get("input_range") or (0.0, 0.0)
@@ -184,7 +187,8 @@ def meter_html(variant: dict, contract_range: tuple[float, float]) -> str:
         f'<span class="meter-chip level-{level}">{level}</span></div>'
         f'<div class="meter-bar" aria-hidden="true"><div class="meter-fill" style="width:{fill:.0f}%;background:{colour}"></div></div>'
         f'<div class="meter-words">{html.escape(meter["words"])}</div>'
-        f'<div class="values">{html.escape(values)}</div></div>'
+        + (f'<div class="meter-reliability">{html.escape(meter["reliability"]["words"])}</div>' if meter.get("reliability") else "")
+        + f'<div class="values">{html.escape(values)}</div></div>'
     )
 
 
@@ -239,7 +243,8 @@ def load_predictor(checkpoint: str | None = None, revision: str | None = None) -
     for path in sorted({str(Path(ref).expanduser()), str(folder), str(EMBEDDED_CHECKPOINT)}, key=len, reverse=True):
         if Path(path).exists():
             note = note.replace(path, public_name(path))
-    return Predictor(model, read_metrics(folder)), note
+    has_calibration = (Path(folder) / CALIBRATION_FILE).is_file()  # else the shipped calibration whose fingerprint fits
+    return Predictor(model, read_metrics(folder), calibration=folder if has_calibration else None), note
 
 
 class LastErrors:

@@ -7,11 +7,14 @@
 A pretrained batch-norm layer remembers the mean and variance of its input over
 the pretraining data. The doctor feeds a batch of images through the network
 under every candidate normalization (the presets and the wrong variants of
-:mod:`cifar_transfer.contract`) and ranks them by how closely the statistics
-entering the first batch-norm layer match that memory (the Gaussian KL
-divergence of :mod:`cifar_transfer.meter`, pooled over the batch, as the running
-statistics were). The best match is the normalization the weights most likely
-expect. :func:`check_batch` checks a tensor your own pipeline produced.
+:mod:`cifar_transfer.contract`) and ranks them by the calibrated contract
+meter's misfit (:mod:`cifar_transfer.meter`: every batch-norm layer, and the
+paired channel-order check), averaged over the images. Its confidence is the
+share of bootstrap resamples of the images on which the winner stays first; it
+says "disagrees" only when that share is at least ``CONFIDENT`` with at least
+``MIN_IMAGES`` images, and otherwise asks for more images. A model without a
+meter calibration is ranked by the first batch-norm layer alone (the loud
+mistakes only). :func:`check_batch` checks a tensor your own pipeline produced.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ from torch import nn
 from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
 from .data import IMAGE_EXTENSIONS
-from .meter import BatchNormProbe, reading
+from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
+                    meter_features)
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
-#: The runner-up is called "close" when its score is within this factor of the best.
-CLOSE_FACTOR = 1.5
+#: Fewer images than this: the doctor ranks but asks for more and never says "disagrees".
+MIN_IMAGES = 8
+#: Share of bootstrap resamples on which the winner must stay first for a confident answer.
+CONFIDENT = 0.95
+BOOTSTRAP = 400
 
 
 class DoctorError(RuntimeError):
@@ -78,16 +85,48 @@ def batch_divergence(model: nn.Module, normalized: torch.Tensor) -> tuple[float,
         model.train(was_training)
 
 
+def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibration | None) -> tuple[torch.Tensor, str]:
+    """Per-image misfit of ``normalized`` inputs, and the meter's level for them as one batch.
+
+    Misfit: the calibrated meter's score, or its channel-swap evidence when larger (the negated paired channel
+    score); without a calibration, the log of the first batch-norm divergence.
+    """
+    if calibration is None:
+        pooled, per_image = batch_divergence(model, normalized)
+        return per_image.clamp_min(1e-12).log(), first_layer_reading(pooled).level
+    f, twin = meter_features(model, normalized, calibration.layers)
+    s = calibration.scores(f, twin)
+    score, channel = calibration.batch_scores(s)
+    return torch.maximum(s.score, -s.channel), calibration.reading(score, channel, len(normalized)).level
+
+
+def bootstrap_confidence(per_image: torch.Tensor, resamples: int = BOOTSTRAP, seed: int = 0) -> torch.Tensor:
+    """For ``(C, N)`` per-image misfits of C candidates: the share of image resamples on which each ranks first."""
+    c, n = per_image.shape
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=g)
+    means = per_image.double()[:, idx].mean(dim=2)  # (C, resamples)
+    wins = torch.bincount(means.argmin(dim=0), minlength=c)
+    return wins.double() / resamples
+
+
+def decide(names: list[str], per_image: torch.Tensor) -> tuple[list[int], float]:
+    """Order of candidates (best first, by mean misfit) and the confidence in the first (bootstrap share)."""
+    order = per_image.double().mean(dim=1).argsort().tolist()
+    return order, float(bootstrap_confidence(per_image)[order[0]])
+
+
 @dataclass
 class Score:
     name: str
     contract: NormalizationContract
-    divergence: float
+    divergence: float  # mean misfit over the images (lower fits better)
     aliases: list[str] = field(default_factory=list)
+    level: str = ""
 
     def to_dict(self) -> dict:
         return {"name": self.name, "divergence": self.divergence, "aliases": self.aliases,
-                "level": reading(self.divergence).level, "contract": self.contract.to_dict()}
+                "level": self.level, "contract": self.contract.to_dict()}
 
 
 @dataclass
@@ -97,59 +136,95 @@ class DoctorReport:
     ranking: list[Score]  # best first
     n_images: int
     images: str
+    confidence: float = 1.0  # share of bootstrap resamples on which the best stays first
+    calibrated: bool = True
 
     @property
     def best(self) -> Score:
         return self.ranking[0]
 
     @property
+    def confident(self) -> bool:
+        return self.n_images >= MIN_IMAGES and self.confidence >= CONFIDENT
+
+    @property
     def close_runner_up(self) -> Score | None:
-        if len(self.ranking) > 1 and self.ranking[1].divergence <= CLOSE_FACTOR * max(self.best.divergence, 1e-12):
-            return self.ranking[1]
-        return None
+        return None if self.confident or len(self.ranking) < 2 else self.ranking[1]
 
     @property
     def agrees_with_declared(self) -> bool | None:
-        return None if self.declared is None else self.declared.same_normalization(self.best.contract)
+        """True: the best is the declared contract; False: confidently another; None: no declared one, or not sure."""
+        if self.declared is None:
+            return None
+        if self.declared.same_normalization(self.best.contract):
+            return True
+        return False if self.confident else None
 
     def to_dict(self) -> dict:
         return {"model": self.model, "images": self.images, "n_images": self.n_images,
                 "declared": self.declared.to_dict() if self.declared else None,
                 "most_likely": self.best.name, "agrees_with_declared": self.agrees_with_declared,
+                "confidence": self.confidence, "confident": self.confident, "calibrated": self.calibrated,
                 "close_runner_up": self.close_runner_up.name if self.close_runner_up else None,
                 "ranking": [s.to_dict() for s in self.ranking]}
 
     def format(self) -> str:
         c = self.best.contract
-        lines = [f"model: {self.model}", f"images: {self.n_images} from {self.images}", "",
-                 f"{'rank':>4}  {'candidate':<20} {'divergence':>12}  reading   also known as"]
+        what = "calibrated meter misfit" if self.calibrated else "first-BN log divergence"
+        lines = [f"model: {self.model}", f"images: {self.n_images} from {self.images}",
+                 f"score: mean {what} per image (lower fits better)", "",
+                 f"{'rank':>4}  {'candidate':<20} {'score':>12}  meter (whole batch)  also known as"]
         for i, s in enumerate(self.ranking, start=1):
-            lines.append(f"{i:>4}  {s.name:<20} {s.divergence:>12.4g}  {reading(s.divergence).level:<8}  {', '.join(s.aliases)}")
+            lines.append(f"{i:>4}  {s.name:<20} {s.divergence:>12.4g}  {s.level:<19}  {', '.join(s.aliases)}")
         lines += ["", f"most likely: {self.best.name}: ((pixels/255*{c.pixel_scale:g})[{c.channel_order}] - {list(c.mean)}) "
-                      f"/ {list(c.std)}" + (f", applied {c.times}x" if c.times != 1 else "")]
-        if self.close_runner_up:
-            r = self.close_runner_up
-            lines.append(f"note: {r.name} scores within {CLOSE_FACTOR}x of it; first-layer statistics barely tell these "
-                         "apart (channel order is the usual case), so confirm on labelled data.")
+                      f"/ {list(c.std)}" + (f", applied {c.times}x" if c.times != 1 else ""),
+                  f"confidence: first on {100 * self.confidence:.0f}% of {BOOTSTRAP} bootstrap resamples of the images"]
+        if self.n_images < MIN_IMAGES:
+            lines.append(f"too few images ({self.n_images}): give at least {MIN_IMAGES} (32 for a confident answer on "
+                         "channel order) before trusting this ranking.")
+        elif not self.confident:
+            r = self.ranking[1]
+            lines.append(f"not confident: {r.name} comes first on some resamples"
+                         + (" (channel order is the hardest to see)" if {r.contract.channel_order, c.channel_order} == {"RGB", "BGR"} else "")
+                         + "; add more images.")
+        if not self.calibrated:
+            lines.append("note: no meter calibration for this model; ranked by the first batch-norm layer alone, which "
+                         "sees raw 0-255 pixels but barely the subtler mistakes (channel order not at all).")
         if self.declared is not None:
-            verdict = "agrees with" if self.agrees_with_declared else "DISAGREES with"
+            agrees = self.agrees_with_declared
+            verdict = ("agrees with" if agrees else "DISAGREES with" if agrees is False
+                       else "is not sure enough to contradict")
             lines.append(f"this {verdict} the declared contract {self.declared.name!r}")
         return "\n".join(lines)
 
 
+def _calibration_or_none(model: nn.Module, calibration: MeterCalibration | None) -> MeterCalibration | None:
+    if calibration is not None:
+        calibration.check(model)
+        return calibration
+    try:
+        return find_calibration(model)
+    except CalibrationError:
+        return None
+
+
 def diagnose(model: nn.Module, pixels: torch.Tensor, *, reference: NormalizationContract | None = None,
-             name: str = "model", images: str = "given batch") -> DoctorReport:
-    """Rank candidate normalizations of RGB ``pixels`` (N, 3, H, W, 0..255) by first-BN divergence, best first."""
+             name: str = "model", images: str = "given batch", calibration: MeterCalibration | None = None) -> DoctorReport:
+    """Rank candidate normalizations of RGB ``pixels`` (N, 3, H, W, 0..255) by mean meter misfit, best first."""
     _check_pixels(pixels)
     declared = getattr(model, "contract", None)
     reference = reference or declared
     if reference is None:
         raise DoctorError("the model declares no contract; pass reference= (e.g. contract.IMAGENET) to set the input size")
+    cal = _calibration_or_none(model, calibration)
     candidates = candidate_contracts(reference)
-    scores = [Score(key, c, batch_divergence(model, c.transform()(pixels))[0], aliases(key, candidates, reference))
-              for key, c in candidates.items()]
-    scores.sort(key=lambda s: s.divergence)
-    return DoctorReport(name, declared, scores, len(pixels), images)
+    names = list(candidates)
+    measured = [misfits(model, c.transform()(pixels.float()), cal) for c in candidates.values()]
+    per_image = torch.stack([m for m, _ in measured])
+    order, confidence = decide(names, per_image)
+    scores = [Score(names[i], candidates[names[i]], float(per_image[i].mean()), aliases(names[i], candidates, reference),
+                    measured[i][1]) for i in order]
+    return DoctorReport(name, declared, scores, len(pixels), images, confidence, cal is not None)
 
 
 def _check_pixels(pixels: torch.Tensor) -> None:
@@ -165,19 +240,22 @@ def _check_pixels(pixels: torch.Tensor) -> None:
 
 @dataclass
 class BatchCheck:
-    divergence: float  # pooled over the batch
+    divergence: float  # the meter's score for the whole batch (calibrated), else the pooled first-layer divergence
     per_image: list[float]
     level: str
     words: str
     value_range: tuple[float, float]
     expected_range: tuple[float, float] | None
     consistent_with: list[str]  # candidates whose inverse maps the batch back to plausible 0..255 pixels
+    channel_order: float | None = None  # paired channel-order score of the batch (positive: fits its own order)
+    calibrated: bool = True
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
     def format(self) -> str:
-        lines = [f"first batch-norm divergence: {self.divergence:.4g} ({self.level}): {self.words}",
+        what = "contract meter" if self.calibrated else "first batch-norm divergence (no meter calibration)"
+        lines = [f"{what}: {self.divergence:.4g} ({self.level}): {self.words}",
                  f"batch values in [{self.value_range[0]:.3g}, {self.value_range[1]:.3g}]"
                  + (f"; the model's contract gives [{self.expected_range[0]:.3g}, {self.expected_range[1]:.3g}]" if self.expected_range else "")]
         if self.consistent_with:
@@ -206,8 +284,12 @@ def plausible_origins(x: torch.Tensor, reference: NormalizationContract) -> list
     return out
 
 
-def check_batch(model: nn.Module, normalized_batch: torch.Tensor) -> BatchCheck:
-    """Check a batch your pipeline produced (already normalized, ``(N, 3, H, W)``) against ``model``'s first BN layer."""
+def check_batch(model: nn.Module, normalized_batch: torch.Tensor, calibration: MeterCalibration | None = None) -> BatchCheck:
+    """Check a batch your pipeline produced (already normalized, ``(N, 3, H, W)``) against ``model``'s contract.
+
+    With a meter calibration (given, or the shipped one that fits ``model``) this is the calibrated meter over
+    the whole batch, channel-order check included; without one, the first batch-norm layer alone.
+    """
     x = normalized_batch
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or x.shape[1] != 3:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -217,12 +299,19 @@ def check_batch(model: nn.Module, normalized_batch: torch.Tensor) -> BatchCheck:
     if len(x) < 2:
         raise DoctorError("need at least 2 images to estimate batch statistics")
     x = x.to(next(model.parameters()).device)
-    pooled, per_image = batch_divergence(model, x)
-    r = reading(pooled)
+    cal = _calibration_or_none(model, calibration)
+    if cal is None:
+        pooled, per_image = batch_divergence(model, x)
+        r, channel, values = first_layer_reading(pooled), None, per_image.tolist()
+    else:
+        f, twin = meter_features(model, x, cal.layers)
+        s = cal.scores(f, twin)
+        pooled, channel = cal.batch_scores(s)
+        r, values = cal.reading(pooled, channel, n_images=len(x)), s.score.tolist()
     contract = getattr(model, "contract", None)
-    return BatchCheck(pooled, [round(v, 6) for v in per_image.tolist()], r.level, r.words,
+    return BatchCheck(pooled, [round(v, 6) for v in values], r.level, r.words,
                       (x.min().item(), x.max().item()), contract.value_range() if contract else None,
-                      plausible_origins(x, contract) if contract else [])
+                      plausible_origins(x, contract) if contract else [], channel, cal is not None)
 
 
 # -- images ---------------------------------------------------------------------------------------

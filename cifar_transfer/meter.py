@@ -1,51 +1,93 @@
-"""The contract meter: how far a network's input sits from what its first batch-norm layer expects.
+"""The contract meter: does a network's input look like what its batch-norm layers were trained on?
 
 A pretrained batch-norm layer stores the running mean and variance of its
-input over the pretraining data. Feed inputs that break the normalization
-contract and the statistics entering that layer drift away from them. We
-measure the drift as the mean over channels of the KL divergence between the
-observed per-channel Gaussian N(mu_b, var_b) and the stored one N(mu_r, var_r):
+input. Feed inputs that break the normalization contract and the statistics
+entering the layers drift away from them. The first layer sees only the loud
+mistakes (raw 0-255 pixels); subtle ones (another model's mean and std, the
+dataset's statistics, no normalization) show deeper in the network.
+
+**Calibrated meter** (:class:`MeterCalibration`, :class:`LayerProbe`). Per image
+and per batch-norm layer in the calibration's ``layers`` it reads three numbers:
+the mean over channels of the Gaussian KL divergence between the image's
+per-channel statistics and the running ones (its log), the mean standardized
+shift of the channel means, and the mean log ratio of the variances. From that
+feature vector it computes, for every known normalization mistake, a linear
+discriminant (shrinkage LDA, fitted on *training* images) standardized on
+correctly preprocessed training images; the meter's score is the largest of
+them. A second, paired check compares the input with its own channel-swapped
+twin (both in the same forward pass): an RGB network's deeper layers fit the
+right channel order better than the swapped one on most images, which is the
+only signal for channel order we found (the features of a single input are
+near chance for it). Everything the meter needs (layers, directions,
+thresholds, how they were derived and what was measured on held-out training
+images) lives in ``meter_calibration.json`` beside the checkpoint; it is keyed
+to the model's batch-norm layers (count, widths and a hash of the running
+statistics), so a file made for another model is refused. Build it with::
+
+    python -m cifar_transfer.meter CHECKPOINT_DIR --data-dir ../shared/datasets/cifar10-jpeg
+
+**First-layer divergence** (:class:`BatchNormProbe`, :func:`first_layer_reading`):
+the older, uncalibrated reading of the first batch-norm layer alone, kept for
+models without a calibration (the doctor on a bare backbone) and the experiment.
 
     D = mean_c 0.5 * (var_b/var_r + (mu_b - mu_r)^2/var_r - 1 - ln(var_b/var_r))
-
-D is 0 when the statistics match exactly and grows without bound as they part.
-Thresholds for the plain-words reading are measured on CIFAR-10 test images
-under each backbone's correct contract (see ``calibrate`` and the test
-``test_meter_thresholds_separate_correct_from_raw``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-# Readings (upper bounds of D per image). Measured on 200 CIFAR-10 test images
-# (20 per class) with the ImageNet EfficientNet-Lite0 weights at 96 px: under the
-# correct contract D per image had median 0.34, p95 0.84, max 1.11; raw 0-255
-# input gave a median of about 15,000. WITHIN sits just above the correct maximum.
+# First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
+# CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
+# max 1.11; raw 0-255 input about 15,000. They catch raw 0-255 pixels and little else (see the README).
 WITHIN = 1.2
 DRIFTING = 10.0
+
+CALIBRATION_FILE = "meter_calibration.json"
+CALIBRATION_VERSION = 1
+LEVELS = ("ok", "drifting", "broken", "unknown")
+COLOURS = {"ok": "#2e7d32", "drifting": "#f9a825", "broken": "#c62828", "unknown": "#757575"}
 
 
 @dataclass(frozen=True)
 class MeterReading:
-    divergence: float
-    level: str  # "ok" | "drifting" | "broken"
+    divergence: float  # the meter's score (calibrated meter: largest standardized discriminant; else first-layer D)
+    level: str  # "ok" | "drifting" | "broken" | "unknown" (no calibration: cannot judge)
     colour: str
     words: str
+    channel_order: float | None = None  # paired channel-order score (positive: fits the order it was given)
+    reliability: dict | None = None  # what was measured for this kind of input (set by the Predictor per panel)
 
     def to_dict(self) -> dict:
-        return {"divergence": self.divergence, "level": self.level, "colour": self.colour, "words": self.words}
+        d = {"divergence": self.divergence, "level": self.level, "colour": self.colour, "words": self.words}
+        if self.channel_order is not None:
+            d["channel_order"] = self.channel_order
+        if self.reliability is not None:
+            d["reliability"] = self.reliability
+        return d
 
 
-def reading(divergence: float) -> MeterReading:
+def first_layer_reading(divergence: float) -> MeterReading:
+    """Uncalibrated reading of the first batch-norm layer's D (models without a calibration)."""
     if divergence <= WITHIN:
-        return MeterReading(divergence, "ok", "#2e7d32", "Inside the contract: the first batch-norm layer sees the statistics it was trained on.")
+        return MeterReading(divergence, "unknown", COLOURS["unknown"],
+                            "Cannot judge: no meter calibration for this model. The first batch-norm layer looks "
+                            "normal, which rules out raw 0-255 pixels but not the subtler mistakes.")
     if divergence <= DRIFTING:
-        return MeterReading(divergence, "drifting", "#f9a825", "Drifting: the first batch-norm layer sees shifted statistics.")
-    return MeterReading(divergence, "broken", "#c62828", "Far outside the contract: the first batch-norm layer sees statistics it never saw in training.")
+        return MeterReading(divergence, "drifting", COLOURS["drifting"], "Drifting: the first batch-norm layer sees shifted statistics.")
+    return MeterReading(divergence, "broken", COLOURS["broken"], "Far outside the contract: the first batch-norm layer sees statistics it never saw in training.")
+
+
+#: Kept for callers of the first-layer meter (the doctor's fallback); same as :func:`first_layer_reading`.
+reading = first_layer_reading
 
 
 def first_batchnorm(model: nn.Module) -> nn.BatchNorm2d:
@@ -106,3 +148,410 @@ def measure(model: nn.Module, inputs: torch.Tensor, per_image: bool = True) -> t
         return probe.divergence(per_image=per_image)
     finally:
         model.train(was_training)
+
+
+# -- the calibrated meter ------------------------------------------------------------------------
+
+FEATURES = ("log_kl", "shift", "log_var_ratio")  # per layer, in this order (see the module doc)
+
+
+class CalibrationError(RuntimeError):
+    """No calibration, or one made for another model; the message says what to do."""
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """Every ``BatchNorm2d`` of ``model`` in ``model.modules()`` order, with its name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """What a calibration is keyed to: the batch-norm layers' count, widths and running statistics."""
+    layers = batchnorm_layers(model)
+    h = hashlib.sha256()
+    for _, bn in layers:
+        for t in (bn.running_mean, bn.running_var):
+            # rounded, so that a dtype round-trip or a re-save of the same weights still matches
+            h.update(np.round(t.detach().float().cpu().numpy().astype(np.float64), 4).tobytes())
+    return {"batchnorm_layers": len(layers), "widths": [bn.num_features for _, bn in layers],
+            "running_stats_sha256": h.hexdigest()}
+
+
+class LayerProbe:
+    """Context manager capturing, per image, the per-channel mean and variance entering chosen BN layers.
+
+    ``layers`` are indices into :func:`batchnorm_layers` (default: all). After one or
+    more forward passes, :meth:`features` gives the ``(N, 3 * len(layers))`` feature matrix.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[int] | None = None):
+        all_layers = batchnorm_layers(model)
+        self.layers = list(range(len(all_layers))) if layers is None else list(layers)
+        self.bns = [all_layers[i][1] for i in self.layers]
+        self.captured: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.bns]
+        self._handles = []
+
+    def _hook(self, slot: int):
+        def hook(_m, args):
+            x = args[0].detach().float()
+            self.captured[slot].append((x.mean(dim=(2, 3)), x.var(dim=(2, 3), unbiased=False)))
+        return hook
+
+    def __enter__(self) -> "LayerProbe":
+        self._handles = [bn.register_forward_pre_hook(self._hook(i)) for i, bn in enumerate(self.bns)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        self.captured = [[] for _ in self.bns]
+
+    def features(self) -> torch.Tensor:
+        """``(N, 3 * L)``: for each layer, log mean-KL, mean standardized shift, mean log variance ratio."""
+        if not self.captured or not self.captured[0]:
+            raise RuntimeError("no forward pass was captured")
+        cols = []
+        for bn, caps in zip(self.bns, self.captured):
+            mean_b = torch.cat([c[0] for c in caps]).cpu()
+            var_b = torch.cat([c[1] for c in caps]).cpu().clamp_min(1e-12)
+            mean_r = bn.running_mean.detach().float().cpu()
+            var_r = bn.running_var.detach().float().cpu().clamp_min(1e-12)
+            kl = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
+            cols += [kl.clamp_min(1e-6).log(), ((mean_b - mean_r) / var_r.sqrt()).mean(dim=1), (var_b / var_r).log().mean(dim=1)]
+        return torch.stack(cols, dim=1)
+
+    def first_layer_divergence(self) -> torch.Tensor:
+        """D per image at the first hooked layer (the old meter's number when layer 0 is hooked)."""
+        bn, caps = self.bns[0], self.captured[0]
+        mean_b, var_b = torch.cat([c[0] for c in caps]).cpu(), torch.cat([c[1] for c in caps]).cpu()
+        return gaussian_kl(mean_b, var_b, bn.running_mean.float().cpu(), bn.running_var.float().cpu()).mean(dim=1)
+
+
+def channel_swap(x: torch.Tensor) -> torch.Tensor:
+    """The same normalized batch with its first and last channels exchanged (RGB <-> BGR)."""
+    return x.flip(1)
+
+
+@dataclass
+class MeterScores:
+    """Per-image scores of the calibrated meter."""
+
+    score: torch.Tensor  # (N,) largest standardized discriminant over the known mistakes
+    per_mistake: torch.Tensor  # (N, M) standardized discriminant per mistake, columns as calibration.mistakes
+    channel: torch.Tensor | None  # (N,) paired channel-order score, standardized (None: no twin was run)
+
+
+@dataclass
+class MeterCalibration:
+    """What the calibrated meter needs, read from / written to ``meter_calibration.json``."""
+
+    fingerprint: dict
+    layers: list[int]
+    layer_names: list[str]
+    mistakes: list[str]
+    directions: list[list[float]]  # one per mistake, over the features of ``layers``
+    centres: list[float]  # mean projection of correct calibration images, per mistake
+    scales: list[float]  # their std, per mistake
+    channel_direction: list[float] | None
+    channel_scale: float | None
+    thresholds: dict  # {"drifting": t, "broken": t, "channel": t}
+    derivation: dict
+    measured: dict  # on held-out calibration images: flag rate per variant, false alarms on correct
+    version: int = CALIBRATION_VERSION
+
+    # -- persistence ---------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MeterCalibration":
+        path = Path(path)
+        if path.is_dir():
+            path = path / CALIBRATION_FILE
+        if not path.is_file():
+            raise CalibrationError(f"no meter calibration at {path}; build one with "
+                                   "python -m cifar_transfer.meter CHECKPOINT_DIR --data-dir DATA")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != CALIBRATION_VERSION:
+                raise CalibrationError(f"{path} is calibration version {data.get('version')!r}; this code reads {CALIBRATION_VERSION}")
+            cal = cls(**data)
+        except (json.JSONDecodeError, TypeError, AttributeError) as exc:
+            raise CalibrationError(f"{path} is not a meter calibration: {exc}") from None
+        n = 3 * len(cal.layers)
+        if len(cal.directions) != len(cal.mistakes) or any(len(d) != n for d in cal.directions):
+            raise CalibrationError(f"{path}: directions do not match {len(cal.layers)} layers x {len(FEATURES)} features")
+        return cal
+
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`CalibrationError` unless this calibration was made for ``model``'s batch-norm layers."""
+        mine, theirs = self.fingerprint, fingerprint(model)
+        if mine != theirs:
+            what = ("a different number of batch-norm layers" if mine.get("batchnorm_layers") != theirs["batchnorm_layers"]
+                    else "different layer widths" if mine.get("widths") != theirs["widths"]
+                    else "different running statistics (other weights)")
+            raise CalibrationError(f"the meter calibration was made for another model ({what}); rebuild it with "
+                                   "python -m cifar_transfer.meter CHECKPOINT_DIR --data-dir DATA")
+
+    # -- scoring ---------------------------------------------------------------
+    def scores(self, features: torch.Tensor, twin_features: torch.Tensor | None = None) -> MeterScores:
+        f = features.double()
+        w = torch.tensor(self.directions, dtype=torch.float64)
+        z = (f @ w.T - torch.tensor(self.centres, dtype=torch.float64)) / torch.tensor(self.scales, dtype=torch.float64)
+        channel = None
+        if twin_features is not None and self.channel_direction is not None:
+            wc = torch.tensor(self.channel_direction, dtype=torch.float64)
+            channel = ((f - twin_features.double()) @ wc) / self.channel_scale
+        return MeterScores(z.max(dim=1).values, z, channel)
+
+    def batch_scores(self, s: MeterScores) -> tuple[float, float | None]:
+        """One score for a whole batch: sqrt(n) times the mean standardized discriminant (same scale as one image)."""
+        n = s.per_mistake.shape[0]
+        score = (s.per_mistake.mean(dim=0) * n ** 0.5).max().item()
+        channel = None if s.channel is None else (s.channel.mean() * n ** 0.5).item()
+        return score, channel
+
+    def thresholds_for(self, n_images: int) -> dict:
+        """Thresholds for one image, or for a batch statistic of ``n_images`` (the largest calibrated size <= n)."""
+        if n_images <= 1:
+            return self.thresholds
+        sizes = [int(k) for k in self.thresholds.get("batch", {}) if int(k) <= n_images]
+        if not sizes:
+            return self.thresholds
+        return dict(self.thresholds, **self.thresholds["batch"][str(max(sizes))])
+
+    def reading(self, score: float, channel: float | None, n_images: int = 1) -> MeterReading:
+        t = self.thresholds_for(n_images)
+        what = "this image" if n_images == 1 else f"these {n_images} images"
+        if score > t["broken"]:
+            return MeterReading(score, "broken", COLOURS["broken"],
+                                f"Far outside the contract: the batch-norm layers see statistics no correctly preprocessed "
+                                f"training image came near (score {score:,.3g}; beyond {t['broken']:.3g} counts as broken).",
+                                channel)
+        if score > t["drifting"]:
+            return MeterReading(score, "drifting", COLOURS["drifting"],
+                                f"Outside the contract: the batch-norm layers see the statistics of a different normalization "
+                                f"on {what} (score {score:.2f}; above {t['drifting']:.2f}, which "
+                                f"{100 * (1 - self.derivation['drifting_quantile']):.0f}% of correctly preprocessed training images exceed).",
+                                channel)
+        if channel is not None and channel < t["channel"]:
+            return MeterReading(score, "drifting", COLOURS["drifting"],
+                                f"Channel order looks swapped: {what} fit{'s' if n_images == 1 else ''} the network better with red "
+                                "and blue exchanged (BGR vs RGB). Value range and statistics are otherwise inside the contract.",
+                                channel)
+        words = ("Inside the contract as far as the meter can tell: value range, mean and contrast look like correctly "
+                 "preprocessed training images")
+        words += (", and the channel order fits better than its swap" if channel is not None else
+                  "; channel order was not checked (it needs the channel-swapped twin)")
+        return MeterReading(score, "ok", COLOURS["ok"], words + ".", channel)
+
+
+def find_calibration(model: nn.Module, folder: str | Path | None = None) -> MeterCalibration:
+    """The calibration in ``folder`` (checked against ``model``); without ``folder``, the first shipped one that fits."""
+    if folder is not None:
+        cal = MeterCalibration.load(folder)
+        cal.check(model)
+        return cal
+    mine = fingerprint(model)
+    for path in sorted(SHIPPED_CHECKPOINTS.glob(f"*/{CALIBRATION_FILE}")):
+        try:
+            cal = MeterCalibration.load(path)
+        except CalibrationError:
+            continue
+        if cal.fingerprint == mine:
+            return cal
+    raise CalibrationError("no shipped meter calibration fits this model; build one with "
+                           "python -m cifar_transfer.meter CHECKPOINT_DIR --data-dir DATA")
+
+
+SHIPPED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@torch.no_grad()
+def meter_features(model: nn.Module, normalized: torch.Tensor, layers: list[int] | None = None,
+                   twin: bool = True, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features of ``normalized`` (and of its channel-swapped twin) in one forward pass per chunk, eval mode."""
+    was_training = model.training
+    model.eval()
+    feats, twins = [], []
+    try:
+        for s in range(0, len(normalized), batch_size):
+            x = normalized[s:s + batch_size]
+            n = len(x)
+            with LayerProbe(model, layers) as probe:
+                model(torch.cat([x, channel_swap(x)]) if twin else x)
+            f = probe.features()
+            feats.append(f[:n])
+            if twin:
+                twins.append(f[n:])
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), (torch.cat(twins) if twin else None)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+
+#: Normalization mistakes the meter is told about (bgr is read by the paired channel check instead).
+MISTAKES = ("no_normalization", "raw_0_255", "other_model_stats", "cifar10_stats", "normalized_twice")
+SHRINKAGE = 0.5  # LDA covariance shrinkage towards its diagonal
+DRIFTING_QUANTILE = 0.98  # of correct held-out scores: ~2% false alarms from the score
+CHANNEL_QUANTILE = 0.02  # of correct held-out channel scores: ~2% false alarms from the channel check
+BROKEN_FACTOR = 3.0  # broken: this many times the largest correct held-out score
+BATCH_SIZES = (2, 4, 8, 16, 32, 64)  # batch statistics get their own thresholds
+BATCH_DRAWS = 2000
+
+
+def _lda(a: torch.Tensor, b: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    cov = 0.5 * (torch.cov(a.T) + torch.cov(b.T))
+    cov = (1 - shrinkage) * cov + shrinkage * torch.diag(cov.diag())
+    cov = cov + 1e-9 * cov.diag().mean() * torch.eye(len(cov), dtype=cov.dtype)
+    return torch.linalg.solve(cov, b.mean(0) - a.mean(0))
+
+
+def fit_calibration(model: nn.Module, features: dict[str, torch.Tensor], twin_correct: torch.Tensor,
+                    twin_features: dict[str, torch.Tensor] | None = None, *, source: str = "",
+                    layers: list[int] | None = None, seed: int = 0) -> MeterCalibration:
+    """Fit the meter on per-image ``features`` of training images under ``correct`` and each mistake.
+
+    ``twin_correct``: features of the correct inputs' channel-swapped twins. Images are split in
+    half (seeded): directions and standardization from one half, thresholds and the recorded
+    rates from the other.
+    """
+    all_layers = batchnorm_layers(model)
+    layers = list(range(len(all_layers))) if layers is None else list(layers)
+    n = len(features["correct"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    fit, held = perm[: n // 2], perm[n // 2:]
+    x0 = features["correct"].double()
+    directions, centres, scales = [], [], []
+    for m in MISTAKES:  # direction from the fit half; centre and scale from the held-out half (no in-sample bias)
+        w = _lda(x0[fit], features[m].double()[fit], SHRINKAGE)
+        p = x0[held] @ w
+        directions.append(w.tolist()); centres.append(p.mean().item()); scales.append(p.std().item())
+    diff = x0 - twin_correct.double()
+    wc = _lda(-diff[fit], diff[fit], SHRINKAGE)  # antisymmetric: a swapped input gives -diff
+    channel_scale = (diff[held] @ wc).std().item()
+    cal = MeterCalibration(fingerprint(model), layers, [all_layers[i][0] for i in layers], list(MISTAKES), directions,
+                           centres, scales, wc.tolist(), channel_scale, {}, {}, {})
+    s0 = cal.scores(x0[held], twin_correct[held])
+    drifting = torch.quantile(s0.score, DRIFTING_QUANTILE).item()
+    cal.thresholds = {"drifting": round(drifting, 4), "broken": round(BROKEN_FACTOR * s0.score.max().item(), 4),
+                      "channel": round(torch.quantile(s0.channel, CHANNEL_QUANTILE).item(), 4), "batch": {}}
+    g = torch.Generator().manual_seed(seed + 1)
+    for size in BATCH_SIZES:  # the batch statistics' own quantiles, on random batches of held-out correct images
+        if size >= len(held):
+            break
+        idx = torch.stack([torch.randperm(len(held), generator=g)[:size] for _ in range(BATCH_DRAWS)])
+        stat = (s0.per_mistake[idx].mean(dim=1) * size ** 0.5).max(dim=1).values
+        chan = s0.channel[idx].mean(dim=1) * size ** 0.5
+        cal.thresholds["batch"][str(size)] = {"drifting": round(torch.quantile(stat, DRIFTING_QUANTILE).item(), 4),
+                                              "channel": round(torch.quantile(chan, CHANNEL_QUANTILE).item(), 4)}
+    cal.derivation = {
+        "images": source, "n_images": n, "fit_images": len(fit), "held_out_images": len(held), "seed": seed,
+        "features": list(FEATURES), "shrinkage": SHRINKAGE, "drifting_quantile": DRIFTING_QUANTILE,
+        "channel_quantile": CHANNEL_QUANTILE, "broken_factor": BROKEN_FACTOR, "batch_draws": BATCH_DRAWS,
+        "how": ("Directions: shrinkage LDA between correct and each mistake on the fit half of the training images; "
+                "each standardized by the correct fit images' projections; score = the largest. Channel: LDA on "
+                "features(input) - features(channel-swapped input), antisymmetric, scaled by held-out correct images. "
+                "Thresholds on the held-out half of correct images: drifting = the drifting_quantile of the score, "
+                "channel = the channel_quantile of the channel score, broken = broken_factor x the largest correct "
+                "score; for a batch of n (sqrt(n) x the mean per-mistake score, the largest; sqrt(n) x the mean "
+                "channel score) the same quantiles over batch_draws random batches of held-out correct images."),
+    }
+    twin_features = twin_features or {}
+    measured = {}
+    for key, f in features.items():
+        tw = twin_features.get(key, twin_correct if key == "correct" else None)
+        s = cal.scores(f[held], None if tw is None else tw[held])
+        flagged = s.score > cal.thresholds["drifting"]
+        row = {"score_flag_rate": round(flagged.float().mean().item(), 4)}
+        if s.channel is not None:
+            row["channel_flag_rate"] = round((s.channel < cal.thresholds["channel"]).float().mean().item(), 4)
+            flagged = flagged | (s.channel < cal.thresholds["channel"])
+        row["flag_rate"] = round(flagged.float().mean().item(), 4)
+        measured[key] = row
+    cal.measured = measured
+    return cal
+
+
+def _training_pixels(data_dir: Path, per_class: int, seed: int) -> torch.Tensor:
+    import random
+
+    from PIL import Image
+
+    root = Path(data_dir) / "train"
+    if not root.is_dir():
+        raise SystemExit(f"error: no train/ folder under {data_dir}")
+    rng = random.Random(seed)
+    paths = []
+    for c in sorted(p.name for p in root.iterdir() if p.is_dir()):
+        files = sorted((root / c).iterdir())
+        paths += rng.sample(files, min(per_class, len(files)))
+    arrays = []
+    for p in paths:
+        with Image.open(p) as im:
+            arrays.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+    return torch.stack(arrays)
+
+
+def calibrate(model: nn.Module, pixels: torch.Tensor, source: str = "", seed: int = 0, log=print,
+              cache: str | Path | None = None) -> MeterCalibration:
+    """Calibrate on RGB uint8 training ``pixels`` (N, 3, H, W): every variant of the model's contract, one pass each.
+
+    ``cache``: a file for the features (read when it exists, else written), to refit without the forward passes.
+    """
+    from .contract import variant_contracts
+
+    if cache is not None and Path(cache).is_file():
+        data = torch.load(cache)
+        return fit_calibration(model, data["features"], data["twins"]["correct"], data["twins"], source=source, seed=seed)
+    contracts = variant_contracts(model.contract)
+    base = contracts["correct"].transform().resize(pixels.float())
+    features, twins = {}, {}
+    for key, c in contracts.items():
+        log(f"  features under {key} ({len(pixels)} images)")
+        f, t = meter_features(model, c.transform()(base), twin=key in ("correct", "bgr"))
+        features[key] = f
+        if t is not None:
+            twins[key] = t
+    if cache is not None:
+        torch.save({"features": features, "twins": twins}, cache)
+    return fit_calibration(model, features, twins["correct"], twins, source=source, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cifar_transfer.meter",
+                                description="Calibrate the contract meter of a checkpoint on CIFAR-10 training images.")
+    p.add_argument("checkpoint", help="checkpoint folder; the calibration is written there as " + CALIBRATION_FILE)
+    p.add_argument("--data-dir", required=True, help="CIFAR-10 JPEG copy (its train/ class folders are read)")
+    p.add_argument("--per-class", type=int, default=50, help="training images per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", help="features file: read when present (refit only), else written")
+    args = p.parse_args(argv)
+    from .model import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.checkpoint).eval()
+    pixels = _training_pixels(Path(args.data_dir), args.per_class, args.seed)
+    source = f"CIFAR-10 train split, {args.per_class} per class, seed {args.seed}"
+    cal = calibrate(model, pixels, source=source, seed=args.seed, cache=args.cache)
+    out = Path(args.checkpoint) / CALIBRATION_FILE
+    cal.save(out)
+    print(f"wrote {out}: thresholds {cal.thresholds}")
+    for k, v in cal.measured.items():
+        print(f"  {k:<18} {v}")
+
+
+if __name__ == "__main__":
+    main()

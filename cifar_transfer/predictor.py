@@ -11,6 +11,7 @@ on the same pass. No Gradio here: the app wraps it.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import threading
@@ -24,7 +25,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, to_display, variant_contracts, variant_explanation, variant_title
-from .meter import BatchNormProbe, MeterReading, reading
+from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, MeterReading, channel_swap, find_calibration,
+                    first_layer_reading, LayerProbe)
 
 log = logging.getLogger(__name__)
 
@@ -349,12 +351,13 @@ class Predictor:
     """Holds one loaded model; classifies an image under the correct contract and chosen wrong variants.
 
     All variants go through a single batched forward pass. The forward pass is
-    serialized by a lock (the meter hooks the model's first batch-norm layer,
+    serialized by a lock (the meter hooks the model's batch-norm layers,
     and on a small CPU one pass at a time is also the fastest); image decoding
     runs outside it.
     """
 
-    def __init__(self, model, metrics: dict | None = None, channels_last: bool = True):
+    def __init__(self, model, metrics: dict | None = None, channels_last: bool = True,
+                 calibration: MeterCalibration | str | Path | None = None):
         self.model = model.eval()
         self.contract = model.contract
         self.class_names = list(model.class_names)
@@ -362,10 +365,40 @@ class Predictor:
         self.transforms = {k: c.transform().to(model.device) for k, c in self.contracts.items()}
         self.accuracy = dict((metrics or {}).get("accuracy") or {})
         self.test_size = (metrics or {}).get("test_size")
+        self.calibration, self.calibration_problem = self._calibration(calibration)
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
+
+    def _calibration(self, calibration) -> tuple[MeterCalibration | None, str | None]:
+        """The meter calibration (given, from a checkpoint folder, or the shipped one that fits); else why not."""
+        try:
+            if isinstance(calibration, MeterCalibration):
+                calibration.check(self.model)
+                return calibration, None
+            return find_calibration(self.model, calibration), None
+        except CalibrationError as exc:
+            log.warning("contract meter cannot judge: %s", exc)
+            return None, str(exc)
+
+    def reliability(self, key: str) -> dict | None:
+        """What the calibration measured on held-out training images for panel ``key``, in numbers and words."""
+        cal = self.calibration
+        row = cal.measured.get(key) if cal else None
+        if row is None:
+            return None
+        rate = row["flag_rate"]
+        if key == CORRECT_KEY:
+            words = (f"On correctly preprocessed held-out training images the meter raised a false alarm on "
+                     f"{100 * rate:.0f}% of single images.")
+        elif key == "bgr":
+            words = (f"Channel order is seen only by comparing the input with its channel-swapped twin: for this mistake "
+                     f"the meter flagged {100 * rate:.0f}% of single held-out training images, so an \"ok\" here is "
+                     "weaker evidence than for the other mistakes.")
+        else:
+            words = f"For this mistake the meter flagged {100 * rate:.0f}% of single held-out training images."
+        return {"flag_rate": rate, "words": words}
 
     @staticmethod
     def variant_keys(variants: Iterable[str] | None) -> list[str]:
@@ -404,7 +437,7 @@ class Predictor:
         x = pixels.unsqueeze(0).to(self.model.device, torch.float32)
         base = self.transforms[CORRECT_KEY].resize(x)  # every variant shares size and interpolation
         batch = torch.cat([self.transforms[k](base) for k in keys])
-        probs, divergence = self._forward(batch)
+        probs, readings = self._forward(batch)
         seen = (to_display(batch, self.contract) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         lo, hi = self.contract.value_range()
         flat = batch.flatten(1)
@@ -416,30 +449,49 @@ class Predictor:
             results.append(VariantResult(
                 key=key, title=variant_title(key), explanation=variant_explanation(key),
                 confidences={self.class_names[j]: round(float(probs[i, j]), 6) for j in order},
-                meter=reading(float(divergence[i])), accuracy=self.accuracy.get(key), seen=seen[i],
+                meter=dataclasses.replace(readings[i], reliability=self.reliability(key)), accuracy=self.accuracy.get(key), seen=seen[i],
                 input_range=(round(mins[i], 4), round(maxs[i], 4)), clipped=round(clipped[i], 4)))
         return Prediction(results, warning=self._warn_if_broken(results[0].meter, "the correct contract"))
 
     @torch.inference_mode()
     def check_normalized(self, inputs: torch.Tensor) -> MeterReading:
-        """Meter reading of an already-normalized ``(N, 3, S, S)`` batch; warns when it is far outside the contract."""
-        _, divergence = self._forward(inputs.to(self.model.device, torch.float32))
-        meter = reading(float(divergence.mean()))
+        """Meter reading of an already-normalized ``(N, 3, S, S)`` batch as a whole; warns when far outside the contract."""
+        _, _, meter = self._forward(inputs.to(self.model.device, torch.float32), pooled=True)
         self._warn_if_broken(meter, "an input given as already normalized")
         return meter
 
-    def _forward(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: torch.Tensor, pooled: bool = False):
+        """Softmax and the meter's readings (one per image; with ``pooled``, also one for the whole batch), one pass.
+
+        With a calibration, each input's channel-swapped twin rides in the same batch (the meter's channel check).
+        """
+        n, cal = len(batch), self.calibration
+        if cal is not None:
+            batch = torch.cat([batch, channel_swap(batch)])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        with self._lock, BatchNormProbe(self.model) as probe:
-            logits = self.model(batch)
-            divergence = probe.divergence(per_image=True)
-        return logits.float().softmax(1), divergence
+        with self._lock:
+            if cal is None:
+                with BatchNormProbe(self.model) as probe:
+                    logits = self.model(batch)
+                d = probe.divergence(per_image=True)
+                readings = [first_layer_reading(float(v)) for v in d]
+                whole = first_layer_reading(float(probe.divergence(per_image=False)))
+            else:
+                with LayerProbe(self.model, cal.layers) as probe:
+                    logits = self.model(batch)
+                f = probe.features()
+                s = cal.scores(f[:n], f[n:])
+                readings = [cal.reading(float(s.score[i]), float(s.channel[i])) for i in range(n)]
+                score, channel = cal.batch_scores(s)
+                whole = cal.reading(score, channel, n_images=n)
+        probs = logits[:n].float().softmax(1)
+        return (probs, readings, whole) if pooled else (probs, readings)
 
     def _warn_if_broken(self, meter: MeterReading, what: str) -> str | None:
         if meter.level != "broken":
             return None
         message = (f"The input's statistics under {what} fall far outside the model's contract "
-                   f"(first batch-norm divergence {meter.divergence:,.3g}); the predictions are unreliable.")
+                   f"(contract meter {meter.divergence:,.3g}); the predictions are unreliable.")
         log.warning(message)
         return message

@@ -1,0 +1,161 @@
+"""The calibrated contract meter and the doctor built on it (issue 11).
+
+Uses the shipped checkpoint, its ``meter_calibration.json`` and the eight shipped example images (CIFAR-10 test
+images, never used for calibration), no ``../shared``. Each test names the part of the calibration it guards:
+break the file (a threshold, the layer list, a direction, the fingerprint) and one of these goes red.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from cifar_transfer import doctor, meter
+from cifar_transfer.contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts
+from cifar_transfer.predictor import Predictor, load_image
+
+from .conftest import APP_CHECKPOINT, EXAMPLES
+
+COSTLY = ("no_normalization", "raw_0_255", "other_model_stats", "cifar10_stats", "normalized_twice")  # bgr: channel check
+
+
+@pytest.fixture(scope="module")
+def calibration(embedded_model):
+    return meter.MeterCalibration.load(APP_CHECKPOINT / meter.CALIBRATION_FILE)
+
+
+@pytest.fixture(scope="module")
+def example_pixels():
+    paths = sorted(p for p in EXAMPLES.iterdir() if p.suffix == ".png")
+    assert len(paths) == 8
+    return torch.stack([load_image(p) for p in paths])
+
+
+@pytest.fixture(scope="module")
+def example_scores(embedded_model, calibration, example_pixels):
+    """Per variant: calibrated scores of the 8 examples (inputs as the Predictor builds them, twin in the same pass)."""
+    model, _ = embedded_model
+    contracts = variant_contracts(model.contract, list(WRONG_VARIANTS))
+    base = contracts[CORRECT_KEY].transform().resize(example_pixels.float())
+    out = {}
+    for key, c in contracts.items():
+        f, twin = meter.meter_features(model, c.transform()(base), calibration.layers)
+        out[key] = calibration.scores(f, twin)
+    return out
+
+
+def test_shipped_calibration_is_keyed_to_the_checkpoint_and_reads_every_batchnorm_layer(embedded_model, calibration):
+    model, _ = embedded_model
+    calibration.check(model)
+    layers = meter.batchnorm_layers(model)
+    assert calibration.layers == list(range(len(layers)))  # the layer choice: all of them, in module order
+    assert calibration.layer_names == [name for name, _ in layers]
+    assert all(len(d) == len(meter.FEATURES) * len(layers) for d in calibration.directions)
+    assert calibration.mistakes == list(meter.MISTAKES)
+    assert "train split" in calibration.derivation["images"]  # calibrated on training images only
+
+
+def test_thresholds_follow_their_recorded_derivation(calibration):
+    t, d, m = calibration.thresholds, calibration.derivation, calibration.measured
+    assert 0 < t["drifting"] < t["broken"] and t["channel"] < 0
+    # held-out correct images: the recorded false-alarm shares are what the quantiles promise
+    assert m[CORRECT_KEY]["score_flag_rate"] == pytest.approx(1 - d["drifting_quantile"], abs=0.01)
+    assert m[CORRECT_KEY]["channel_flag_rate"] == pytest.approx(d["channel_quantile"], abs=0.01)
+    assert m[CORRECT_KEY]["flag_rate"] <= 0.05
+    for key in COSTLY:
+        assert m[key]["flag_rate"] >= 0.8, key
+    assert m["bgr"]["flag_rate"] >= 0.6  # best effort: the paired channel check
+
+
+def test_meter_passes_correct_examples_and_flags_every_costly_mistake(calibration, example_scores):
+    t = calibration.thresholds
+    correct = example_scores[CORRECT_KEY]
+    assert (correct.score <= t["drifting"]).sum() >= 7  # at most one false alarm in 8
+    assert (correct.channel >= t["channel"]).sum() >= 7
+    for key in COSTLY:
+        assert (example_scores[key].score > t["drifting"]).sum() >= 7, key
+    assert (example_scores["raw_0_255"].score > t["broken"]).all()
+    assert not (example_scores["no_normalization"].score > t["broken"]).any()  # subtle, not "broken"
+    # channel order: invisible to the single-input score, seen by the paired check on a batch
+    assert (example_scores["bgr"].score <= t["drifting"]).sum() >= 7
+    assert calibration.batch_scores(example_scores["bgr"])[1] < t["channel"] < calibration.batch_scores(correct)[1]
+
+
+def test_a_threshold_moved_by_a_third_breaks_the_examples(calibration, example_scores):
+    """The thresholds sit where one third either way changes what the meter says on these 8 images."""
+    correct_max = example_scores[CORRECT_KEY].score.max().item()
+    subtle_min = min(example_scores[k].score.median().item() for k in ("other_model_stats", "cifar10_stats", "no_normalization"))
+    assert correct_max < calibration.thresholds["drifting"] * 1.5 and subtle_min > calibration.thresholds["drifting"] / 1.5
+
+
+def test_calibration_for_other_weights_is_refused(embedded_model, calibration, tmp_path):
+    model, metrics = embedded_model
+    other = copy.deepcopy(calibration)
+    other.fingerprint = dict(other.fingerprint, running_stats_sha256="0" * 64)
+    with pytest.raises(meter.CalibrationError, match="other weights"):
+        other.check(model)
+    fewer = copy.deepcopy(calibration)
+    fewer.fingerprint = dict(fewer.fingerprint, batchnorm_layers=fewer.fingerprint["batchnorm_layers"] - 1)
+    with pytest.raises(meter.CalibrationError, match="number of batch-norm layers"):
+        fewer.check(model)
+    broken = json.loads((APP_CHECKPOINT / meter.CALIBRATION_FILE).read_text())
+    broken["layers"] = broken["layers"][1:]
+    (tmp_path / meter.CALIBRATION_FILE).write_text(json.dumps(broken))
+    with pytest.raises(meter.CalibrationError, match="do not match"):
+        meter.MeterCalibration.load(tmp_path)
+    with pytest.raises(meter.CalibrationError, match="no meter calibration"):
+        meter.MeterCalibration.load(tmp_path / "missing")
+    # the Predictor then says it cannot judge instead of "ok"
+    p = Predictor(model, metrics, channels_last=False, calibration=other)
+    assert p.calibration is None and "other weights" in p.calibration_problem
+    pixels = load_image(sorted(EXAMPLES.glob("*.png"))[0])
+    reading = p.predict_pixels(pixels, [CORRECT_KEY, "bgr"]).variants[1].meter
+    assert reading.level == "unknown" and "Cannot judge" in reading.words
+
+
+def test_predictor_panels_carry_the_calibrated_reading_and_its_reliability(predictor, calibration, example_pixels):
+    assert predictor.calibration is not None
+    result = predictor.predict_pixels(example_pixels[0], [CORRECT_KEY, *WRONG_VARIANTS])
+    by_key = {v.key: v.meter for v in result.variants}
+    assert by_key["raw_0_255"].level == "broken"
+    for key, m in by_key.items():
+        d = m.to_dict()
+        assert {"divergence", "level", "colour", "words", "reliability", "channel_order"} <= set(d)
+        assert d["reliability"]["flag_rate"] == calibration.measured[key]["flag_rate"]
+    assert "channel-swapped twin" in by_key["bgr"].reliability["words"]
+    assert "false alarm" in by_key[CORRECT_KEY].reliability["words"]
+    if by_key[CORRECT_KEY].level == "ok":
+        assert "as far as the meter can tell" in by_key[CORRECT_KEY].words
+
+
+def test_check_batch_on_a_users_pipeline(embedded_model, example_pixels):
+    model, _ = embedded_model
+    contracts = variant_contracts(model.contract, list(WRONG_VARIANTS))
+    x = contracts[CORRECT_KEY].transform()(example_pixels.float())
+    good = doctor.check_batch(model, x)
+    assert good.calibrated and good.level == "ok" and good.channel_order > 0
+    for key in (*COSTLY, "bgr"):
+        bad = doctor.check_batch(model, contracts[key].transform()(example_pixels.float()))
+        assert bad.level in ("drifting", "broken"), key
+    assert "swapped" in doctor.check_batch(model, contracts["bgr"].transform()(example_pixels.float())).words
+
+
+def test_doctor_is_confident_on_eight_examples_and_asks_for_more_on_three(embedded_model, example_pixels):
+    model, _ = embedded_model
+    report = doctor.diagnose(model, example_pixels)
+    assert report.calibrated and report.best.name == "minus_one_one"
+    assert report.agrees_with_declared is True and report.confident
+    assert report.ranking[-1].name == "raw_0_255"
+    few = doctor.diagnose(model, example_pixels[:3])
+    assert not few.confident and few.agrees_with_declared in (True, None)
+    assert "too few images" in few.format() and "DISAGREES" not in few.format()
+
+
+def test_bootstrap_confidence_and_decision():
+    per = torch.tensor([[0.0, 0.1, 0.0, 0.1], [5.0, 5.0, 5.0, 5.0], [0.05, 0.05, 0.05, 0.05]])
+    order, conf = doctor.decide(["a", "b", "c"], per)
+    assert order[-1] == 1 and 0 < conf < 1
+    assert doctor.bootstrap_confidence(per).sum().item() == pytest.approx(1.0)
