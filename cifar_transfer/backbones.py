@@ -93,6 +93,19 @@ def create(spec: "BackboneSpec", num_classes: int, **kwargs) -> nn.Module:
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
 
+def create_timm(architecture: str, num_classes: int, pretrained_cfg: dict | None = None,
+                model_args: dict | None = None) -> nn.Module:
+    """Any timm architecture, randomly initialised, as a timm checkpoint's ``config.json`` describes it
+    (its ``model_args`` and ``pretrained_cfg``, as ``timm.create_model("hf-hub:...")`` builds it)."""
+    import timm
+
+    args = {**(model_args or {}), "num_classes": num_classes}
+    try:
+        return timm.create_model(architecture, pretrained=False, pretrained_cfg=pretrained_cfg, **args)
+    except Exception as exc:  # noqa: BLE001 - unknown model, bad arguments: all the checkpoint's fault
+        raise BackboneError(f"timm cannot build {architecture!r} with {args}: {exc}") from exc
+
+
 def load_pretrained(net: nn.Module, state: dict) -> None:
     """Put ImageNet weights (timm names) into ``net``, all but its classifier (a new head for our classes)."""
     head = net.pretrained_cfg["classifier"] + "."

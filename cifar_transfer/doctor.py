@@ -363,22 +363,27 @@ def builtin_images(size: int) -> tuple[torch.Tensor, str]:
 
 
 def load_model(ref: str, backbone_weights: str | None = None):
-    """A BACKBONES name (pretrained weights, new head) or a checkpoint folder."""
+    """A BACKBONES name (pretrained weights, new head), or a checkpoint folder or Hub repo id: this package's, or any
+    timm classifier's (its declared contract then comes from its pretrained_cfg)."""
     from .backbones import BACKBONES
-    from .model import CifarTransferModel, load_checkpoint
+    from .hub import REPO_ID, resolve_checkpoint
+    from .model import CifarTransferModel
 
-    if Path(ref).is_dir():
-        return load_checkpoint(ref), f"checkpoint {ref}"
+    if Path(ref).is_dir() or (ref not in BACKBONES and REPO_ID.match(ref)):
+        _, model, note = resolve_checkpoint(ref)
+        return model, f"checkpoint {ref} ({note})"
     if ref in BACKBONES:
         model = CifarTransferModel.from_backbone(ref, weights_file=backbone_weights)
         return model.eval(), f"{ref} ({BACKBONES[ref].description})"
-    raise DoctorError(f"{ref!r} is neither a checkpoint folder nor a backbone name (known: {', '.join(BACKBONES)})")
+    raise DoctorError(f"{ref!r} is neither a checkpoint folder nor a backbone name (known: {', '.join(BACKBONES)}), "
+                      "nor a Hub repo id USER/NAME")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.doctor", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT", help="a backbone name (e.g. efficientnet_lite0) or a checkpoint folder")
+    p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
+                   help="a backbone name (e.g. efficientnet_lite0), a checkpoint folder or a Hub repo id (any timm classifier)")
     p.add_argument("images", metavar="IMAGES_DIR", nargs="?", help="folder of images (searched recursively); default: built-in examples")
     p.add_argument("--backbone-weights", metavar="FILE", help="local weights file <arch>-<sha256 prefix>.pth (ResNets offline)")
     p.add_argument("--max-images", type=int, default=64, help="use at most this many images from IMAGES_DIR")

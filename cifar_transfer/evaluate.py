@@ -88,7 +88,8 @@ def format_table(accuracies: dict[str, float], reference: dict[str, float] | Non
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.evaluate", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint folder (or Hugging Face Hub repo id)")
+    p.add_argument("checkpoint", help="checkpoint folder or Hugging Face Hub repo id: this package's, or any timm "
+                                      "classifier's (contract from its pretrained_cfg)")
     p.add_argument("--data-dir", metavar="DIR", help="local data (train/ + test/ class folders, or cifar-10-batches-py); default: torchvision download")
     p.add_argument("--variants", nargs="*", metavar="KEY", choices=list(WRONG_VARIANTS),
                    help="wrong variants to score (default: all)")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .card import write_model_card
     from .data import DataError, load_dataset
-    from .checkpoint import METRICS_NAME, CheckpointError, atomic_write_json, read_metrics
+    from .checkpoint import METRICS_NAME, PRETRAINED_CFG_SOURCE, CheckpointError, atomic_write_json, read_metrics
     from .hub import resolve_checkpoint
     from .runtime import pick_device
 
@@ -131,8 +132,16 @@ def main(argv: list[str] | None = None) -> None:
             print(f"scoring the first {per_class} test images per class, as the checkpoint was evaluated "
                   "(--max-test-per-class 0 scores all)")
         ds = load_dataset(args.data_dir, classes=classes, max_per_class=1, max_test_per_class=per_class)
+        foreign = model.contract_source == PRETRAINED_CFG_SOURCE  # another project's timm classifier
+        if foreign and ds.classes != model.class_names and not args.classes and set(model.class_names) <= set(ds.classes):
+            ds = load_dataset(args.data_dir, classes=model.class_names, max_per_class=1, max_test_per_class=per_class)
     except (CheckpointError, DataError) as exc:
         raise SystemExit(f"error: {exc}") from None
+    if ds.classes != model.class_names and foreign:
+        raise SystemExit(f"error: {args.checkpoint} is a timm classifier of {len(model.class_names)} classes "
+                         f"({_some(model.class_names)}), labelled by its label_names; {ds.name} has the classes "
+                         f"{_some(ds.classes)}. evaluate scores it only on a dataset of its own classes (class folders "
+                         "named as its label_names: --data-dir, or --classes NAME...), so these accuracies cannot be measured")
     if ds.classes != model.class_names:
         raise SystemExit(f"error: the dataset's classes {ds.classes} differ from the checkpoint's {model.class_names}")
     device = pick_device(args.device)
@@ -149,8 +158,16 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("error: --write needs a local checkpoint folder")
         metrics.update({"accuracy": acc, "test_size": len(ds.test), "dataset": ds.name, "data_source": ds.source, "tta_flip": tta})
         atomic_write_json(Path(folder) / METRICS_NAME, metrics)
+        if foreign:  # its README.md is its own: the app reads metrics.json, the card stays as its authors wrote it
+            print(f"wrote {Path(folder) / METRICS_NAME} (a timm classifier's folder: its README.md is left as it is)")
+            return
         write_model_card(Path(folder))
         print(f"wrote {Path(folder) / METRICS_NAME}")
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .checkpoint import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError
+from .checkpoint import CARD_NAME, CONFIG_NAME, METRICS_NAME, PRETRAINED_CFG_SOURCE, WEIGHTS_NAME, CheckpointError
 from .model import CifarTransferModel, load_checkpoint
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -23,22 +23,32 @@ class HubUnavailable(RuntimeError):
 
 def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Path | None = None
                        ) -> tuple[Path, CifarTransferModel, str]:
-    """Return ``(folder, model, note)`` for a local folder or a Hub repo id."""
+    """Return ``(folder, model, note)`` for a local folder or a Hub repo id: one of this package's checkpoints or
+    any timm classifier's (the note then says its contract came from the repo's ``pretrained_cfg``)."""
     path = Path(ref).expanduser()
     if path.exists() or not REPO_ID.match(ref):
-        return path, load_checkpoint(path), f"loaded local checkpoint {path}"
+        return path, *_loaded(path, f"loaded local checkpoint {path}")
     label = ref + (f"@{revision}" if revision else "")
     try:
         folder, how = _from_hub(ref, revision)
-        return folder, load_checkpoint(folder), f"{how}: {label} (commit {folder.name[:8]})"
+        return folder, *_loaded(folder, f"{how}: {label} (commit {folder.name[:8]})")
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - not found, no cache, incomplete cache: all end in the fallback
         reason = describe_hub_error(exc)
     if fallback is not None and Path(fallback).exists():
         folder = Path(fallback)
-        return folder, load_checkpoint(folder), f"could not load {label} from the Hub or its cache ({reason}); using the local copy {folder}"
+        return folder, *_loaded(folder, f"could not load {label} from the Hub or its cache ({reason}); using the local copy {folder}")
     raise CheckpointError(f"cannot load {label} from the Hugging Face Hub or its cache: {reason}")
+
+
+def _loaded(folder: Path, note: str) -> tuple[CifarTransferModel, str]:
+    """Load ``folder``; for another project's timm classifier the note names where its contract and labels came from."""
+    model = load_checkpoint(folder)
+    if model.contract_source == PRETRAINED_CFG_SOURCE:
+        note += (f"; a timm {model.architecture} classifier, not a cifar-transfer checkpoint: {PRETRAINED_CFG_SOURCE}, "
+                 f"{len(model.class_names)} labels from {model.labels_source}")
+    return model, note
 
 
 def _from_hub(ref: str, revision: str | None) -> tuple[Path, str]:

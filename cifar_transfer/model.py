@@ -22,9 +22,10 @@ from torch import nn
 from . import backbones
 from .backbones import DEFAULT_BACKBONE, BackboneError, backbone_for_architecture, get_backbone
 from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import these from here
-    CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, TAGS, WEIGHTS_NAME,
-    CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config, check_timm_agrees,
-    read_config, read_metrics,
+    CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, PRETRAINED_CFG_SOURCE, TAGS,
+    WEIGHTS_NAME, CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config,
+    check_timm_agrees, check_timm_config, contract_from_pretrained_cfg, is_timm_config, read_config, read_metrics,
+    timm_label_names,
 )
 from .contract import ContractError, NormalizationContract
 
@@ -65,6 +66,11 @@ class CifarTransferModel(
     :meth:`classify` takes raw RGB pixels (0-255) and applies the model's contract, or an explicitly
     passed override (the wrong variants). The contract is a typed ``__init__`` argument: the Hub mixin
     stores it in ``config.json`` and rebuilds the dataclass on load.
+
+    ``format=None`` is any other timm classifier (a plain timm ``config.json``, what ``from_pretrained``
+    passes for one): any timm architecture, the contract from its ``pretrained_cfg``
+    (:func:`~cifar_transfer.checkpoint.contract_from_pretrained_cfg`), the labels from its ``label_names``;
+    ``contract_source`` says which (``"contract"`` or :data:`~cifar_transfer.checkpoint.PRETRAINED_CFG_SOURCE`).
     """
 
     def __init__(
@@ -72,23 +78,38 @@ class CifarTransferModel(
         architecture: str = get_backbone(DEFAULT_BACKBONE).architecture,
         label_names: list[str] | None = None,
         contract: NormalizationContract | None = None,
-        format: str = FORMAT,  # noqa: A002 - stored in config.json to recognise our checkpoints
+        format: str | None = FORMAT,  # noqa: A002 - stored in config.json to recognise our checkpoints; None: timm's own
         **timm_config: Any,  # the rest of timm's config.json (num_classes, pretrained_cfg, ...) and timm create args
     ):
         super().__init__()
-        if format != FORMAT:
-            raise CheckpointError(f"unsupported checkpoint format {format!r} (this version reads {FORMAT!r})")
-        spec = backbone_for_architecture(architecture)
         self.architecture = architecture
-        self.backbone = spec.name
-        self.class_names = list(label_names or CIFAR10_CLASSES)
-        self.contract = contract if contract is not None else spec.contract
-        if timm_config.get("num_classes", len(self.class_names)) != len(self.class_names):
-            raise CheckpointError(f"num_classes is {timm_config['num_classes']} but there are {len(self.class_names)} label names")
-        if "pretrained_cfg" in timm_config:
-            check_timm_agrees(self.contract, timm_config["pretrained_cfg"])
-        create_args = {k: timm_config[k] for k in ("drop_rate", "drop_path_rate") if k in timm_config}
-        self.net = backbones.create(spec, len(self.class_names), **create_args)
+        if format is None:  # any timm classifier: timm's own config.json
+            config = check_timm_config({**timm_config, "architecture": architecture,
+                                        **({"label_names": label_names} if label_names is not None else {})})
+            self.backbone = architecture
+            self.class_names = timm_label_names(config)
+            named = config.get("label_names", config["pretrained_cfg"].get("label_names")) is not None
+            self.labels_source = ("its label_names" if named else "ImageNet-1k's class names (timm's table; "
+                                  "it has no label_names)" if len(self.class_names) == 1000 else "numbers (it has no label_names)")
+            self.contract = contract if contract is not None else contract_from_pretrained_cfg(config["pretrained_cfg"])
+            self.contract_source = "contract" if contract is not None else PRETRAINED_CFG_SOURCE
+            self.net = backbones.create_timm(architecture, len(self.class_names), dict(config["pretrained_cfg"]),
+                                             config.get("model_args") or {})
+        elif format != FORMAT:
+            raise CheckpointError(f"unsupported checkpoint format {format!r} (this version reads {FORMAT!r})")
+        else:
+            spec = backbone_for_architecture(architecture)
+            self.backbone = spec.name
+            self.class_names = list(label_names or CIFAR10_CLASSES)
+            self.contract = contract if contract is not None else spec.contract
+            self.contract_source, self.labels_source = "contract", "its label_names"
+            if timm_config.get("num_classes", len(self.class_names)) != len(self.class_names):
+                raise CheckpointError(f"num_classes is {timm_config['num_classes']} but there are {len(self.class_names)} label names")
+            if "pretrained_cfg" in timm_config:
+                check_timm_agrees(self.contract, timm_config["pretrained_cfg"])
+            create_args = {k: timm_config[k] for k in ("drop_rate", "drop_path_rate") if k in timm_config}
+            self.net = backbones.create(spec, len(self.class_names), **create_args)
+        self.format = format
         self.preprocess = self.contract.transform()
         self.metrics: dict[str, Any] | None = None  # the checkpoint's metrics.json, for the model card
 
@@ -154,6 +175,10 @@ class CifarTransferModel(
         """``config.json``: timm's own export of the model and its data config, plus our format and contract."""
         from timm.models._hub import save_config_for_hf
 
+        if self.format is None:
+            raise CheckpointError(f"this {self.architecture} is another project's timm classifier, loaded to be served; "
+                                  "this package writes only the checkpoints it trains (save it with "
+                                  "timm.models.save_for_hf(..., safe_serialization=True))")
         try:
             data_config = self.contract.timm_data_config()
         except ContractError as exc:
@@ -221,6 +246,8 @@ class CifarTransferModel(
             return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, force_download=force_download,
                                    local_files_only=local_files_only, token=token)
 
+        if is_timm_config(model_kwargs):  # a plain timm checkpoint, not one of ours: bring your own classifier
+            model_kwargs["format"] = None
         model = cls(**model_kwargs)
         weights = fetch(WEIGHTS_NAME)
         try:
@@ -252,7 +279,8 @@ def _optional_json(fetch, name: str) -> dict | None:
 
 
 def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> CifarTransferModel:
-    """Load a local checkpoint folder, validating it first."""
+    """Load a local checkpoint folder, validating it first: one of ours, or any timm classifier's
+    (``config.json`` in timm's format and ``model.safetensors``)."""
     read_config(Path(folder))
     return CifarTransferModel.from_pretrained(str(folder), map_location=map_location)
 

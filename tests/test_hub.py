@@ -4,8 +4,10 @@ against a loopback Hub (tests/hub_server.py) on 127.0.0.1."""
 from __future__ import annotations
 
 import copy
+import html
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -335,3 +337,204 @@ def test_unknown_repo_is_not_served_from_a_stale_cache(hub, client, checkpoint):
         resolve_checkpoint("alice/never-published")
     _, _, note = resolve_checkpoint("alice/never-published", fallback=checkpoint)
     assert "does not exist" in note and "using the local copy" in note
+
+
+# -- bring your own classifier: any timm classifier, served, scored, diagnosed -------------------------
+
+COLOURS = ["red", "green", "blue"]  # the label_names of "another project's" classifier
+
+
+def colour_images(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generated RGB uint8 pictures: random texture with one saturated channel, the class (red, green, blue)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 3
+    pixels = torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    pixels[torch.arange(n), labels] = 255
+    return pixels, labels
+
+
+@pytest.fixture(scope="module")
+def timm_resnet18():
+    """Another project's classifier, built with timm alone: ResNet-18, 3 classes, trained a few steps on generated
+    pictures normalized as its pretrained_cfg says (ImageNet statistics; the preprocessing is written out here by hand,
+    not taken from this package)."""
+    import timm
+
+    torch.manual_seed(0)
+    net = timm.create_model("resnet18", pretrained=False, num_classes=3)
+    cfg = net.pretrained_cfg
+    assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406) and tuple(cfg["std"]) == (0.229, 0.224, 0.225)
+    mean, std = torch.tensor(cfg["mean"]).view(1, 3, 1, 1), torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    net.train()
+    for step in range(20):
+        pixels, labels = colour_images(12, 32, seed=step)
+        loss = torch.nn.functional.cross_entropy(net((pixels / 255 - mean) / std), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for bn in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # batch-norm statistics of the
+        bn.reset_running_stats()                                                 # final weights, as training
+        bn.momentum = None                                                       # recipes recalibrate them
+    with torch.no_grad():
+        for step in range(2):
+            net((colour_images(32, 32, seed=100 + step)[0] / 255 - mean) / std)
+    return net.eval()
+
+
+def test_any_timm_classifier_on_the_hub_is_served_by_the_app_with_its_pretrained_cfg_contract(hub, client, tmp_path,
+                                                                                              timm_resnet18):
+    """Published with timm's own push_to_hf_hub (safetensors and a pickle, as timm does; no metrics.json), then
+    ``app.py --checkpoint alice/resnet18-colours`` in a subprocess, called through the real HTTP API."""
+    import httpx
+    from gradio_client import Client, handle_file
+    from PIL import Image
+    from timm.models import push_to_hf_hub
+
+    from cifar_transfer.contract import IMAGENET
+
+    push_to_hf_hub(timm_resnet18, "alice/resnet18-colours", model_config={"label_names": COLOURS})
+    files = set(hub.files("alice/resnet18-colours"))
+    assert {"config.json", "model.safetensors"} <= files and "metrics.json" not in files
+    config = json.loads(hub.file_bytes("alice/resnet18-colours", "config.json"))
+    assert "format" not in config and "contract" not in config  # timm's format, nothing of ours
+
+    port = free_port()
+    env = {**client, "PYTHONUNBUFFERED": "1", "CIFAR_TRANSFER_THREADS": "1", "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    proc = subprocess.Popen([sys.executable, str(REPO / "app.py"), "--checkpoint", "alice/resnet18-colours",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "Running on" in line or "error:" in line:
+                break
+        assert f"Running on http://127.0.0.1:{port}" in "".join(lines), "".join(lines)
+        url = f"http://127.0.0.1:{port}"
+
+        config = httpx.get(f"{url}/config", timeout=60).json()  # the page's text: note, contract, accuracy lines
+        page = html.unescape("\n".join(c["props"]["value"] for c in config["components"]
+                                       if isinstance(c.get("props", {}).get("value"), str)))
+        assert "alice/resnet18-colours" in page and "contract from the repo's pretrained_cfg" in page
+        assert "3 labels from its label_names" in page and "| mean | 0.485 | 0.456 | 0.406 |" in page
+        assert "not measured for this checkpoint" in page and "Measured test accuracy with" not in page
+        assert "bicubic" in page
+
+        picture = colour_images(1, 256, seed=99)[0][0]  # a "red" picture with a black and a white patch
+        picture[:, 20:80, 20:80] = 0
+        picture[:, 150:210, 150:210] = 255
+        path = tmp_path / "red.png"
+        Image.fromarray(picture.permute(1, 2, 0).numpy()).save(path)
+        chosen = ["no_normalization", "raw_0_255", "bgr", "normalized_twice"]
+        answer = Client(url, verbose=False).predict(handle_file(str(path)), chosen, api_name="/predict")
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+    by_key = {v["key"]: v for v in answer["variants"]}
+    assert list(by_key) == ["correct", *chosen]  # the wrong variants are there, as asked
+    correct = by_key["correct"]
+    assert set(correct["confidences"]) == set(COLOURS)  # the repo's label_names
+    assert correct["label"] == "red"
+    assert all(v["accuracy"] is None for v in answer["variants"])  # no metrics.json: not measured
+    # ImageNet's statistics, from the repo's pretrained_cfg: the black and white patches give its exact range
+    assert correct["input_range"] == pytest.approx(IMAGENET.value_range(), abs=1e-3)
+    assert by_key["no_normalization"]["input_range"] == pytest.approx([0, 1], abs=1e-3)
+    assert by_key["raw_0_255"]["input_range"] == pytest.approx([0, 255], abs=1e-2)
+
+
+def test_a_timm_classifier_on_the_hub_loads_as_timm_loads_it(hub, client, timm_resnet18):
+    """``resolve_checkpoint`` (the app, evaluate, doctor) and ``timm.create_model("hf-hub:...")`` agree on the
+    weights, the labels and the preprocessing; the contract is named as the pretrained_cfg's."""
+    import timm
+    from timm.models import push_to_hf_hub
+
+    push_to_hf_hub(timm_resnet18, "alice/resnet18-colours", model_config={"label_names": COLOURS})
+    folder, model, note = resolve_checkpoint("alice/resnet18-colours")
+    assert "contract from the repo's pretrained_cfg" in note and "3 labels from its label_names" in note
+    assert not (folder / "pytorch_model.bin").exists()  # the pickle timm also pushed is never downloaded
+    assert model.class_names == COLOURS and model.metrics is None
+    assert model.contract.mean == (0.485, 0.456, 0.406) and model.contract.interpolation == "bicubic"
+    assert (model.contract.channel_order, model.contract.pixel_scale, model.contract.times) == ("RGB", 1.0, 1)
+
+    net = timm.create_model("hf-hub:alice/resnet18-colours", pretrained=True).eval()
+    data_config = timm.data.resolve_data_config({}, model=net)
+    assert data_config["crop_pct"] == model.contract.crop_pct and data_config["input_size"][1] == model.contract.input_size
+    pixels = colour_images(4, 64, seed=7)[0]
+    with torch.no_grad():
+        assert torch.equal(model.classify(pixels), net(model.preprocess(pixels)))
+        assert torch.equal(model.classify(pixels), timm_resnet18(model.preprocess(pixels)))
+
+
+def save_timm_folder(net, folder: Path, **model_config) -> Path:
+    """A plain timm checkpoint folder, written by timm alone (safetensors only, no metrics.json)."""
+    from timm.models import save_for_hf
+
+    save_for_hf(net, str(folder), model_config=model_config or None, safe_serialization=True)
+    return folder
+
+
+def test_a_plain_timm_model_in_a_folder_loads_in_the_app_path(tmp_path, timm_resnet18, monkeypatch):
+    import app
+
+    folder = save_timm_folder(timm_resnet18, tmp_path / "colours", label_names=COLOURS)
+    predictor, note = app.load_predictor(str(folder))
+    assert "contract from the repo's pretrained_cfg" in note and str(tmp_path) not in note
+    assert predictor.class_names == COLOURS and predictor.accuracy == {} and predictor.test_size is None
+    assert app.accuracy_markdown(predictor.accuracy.get("correct"), predictor.test_size).endswith("*not measured for this checkpoint*.")
+    pixels = colour_images(3, 48, seed=5)[0]
+    result = predictor.predict(pixels[1].permute(1, 2, 0).numpy(), ["bgr"])
+    assert [v.key for v in result.variants] == ["correct", "bgr"] and set(result.variants[0].confidences) == set(COLOURS)
+
+
+def test_evaluate_scores_a_timm_classifier_whose_labels_are_the_datasets(tmp_path, capsys):
+    """A plain ``timm.create_model(..., pretrained=False)``, its label_names the dataset's classes: scored."""
+    import timm
+
+    from cifar_transfer import evaluate
+    from tests.helpers import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "data", classes=("cat", "dog"), n_train=1, n_test=2)
+    torch.manual_seed(0)
+    folder = save_timm_folder(timm.create_model("resnet18", pretrained=False, num_classes=2), tmp_path / "r18",
+                              label_names=["dog", "cat"])  # its own order: evaluate follows it
+    evaluate.main([str(folder), "--data-dir", str(data), "--engine", "pytorch", "--variants", "bgr", "--write"])
+    out = capsys.readouterr().out
+    assert "contract from the repo's pretrained_cfg" in out and "4 test images" in out
+    assert re.search(r"^correct .* \d+\.\d\d%$", out, re.M) and re.search(r"^bgr .* \d+\.\d\d%$", out, re.M)
+    metrics = json.loads((folder / "metrics.json").read_text())  # --write: metrics.json only, the card is timm's
+    assert set(metrics["accuracy"]) == {"correct", "bgr"} and not (folder / "README.md").exists()
+    assert load_checkpoint(folder).metrics == metrics
+
+
+def test_evaluate_refuses_a_timm_classifier_of_other_classes_with_the_reason(tmp_path):
+    """Any timm architecture (not one this package trains), 1000 ImageNet classes without label_names: loads, with
+    ImageNet's class names, but a dataset of cats and dogs cannot score it."""
+    import timm
+
+    from cifar_transfer import evaluate
+    from tests.helpers import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "data", classes=("cat", "dog"), n_train=1, n_test=1)
+    folder = save_timm_folder(timm.create_model("mobilenetv3_small_050", pretrained=False), tmp_path / "mnv3")
+    model = load_checkpoint(folder)
+    assert len(model.class_names) == 1000 and model.class_names[0].startswith("tench")
+    assert model.contract.crop_pct == 0.875 and model.contract.mean == (0.485, 0.456, 0.406)
+    with pytest.raises(SystemExit, match=r"timm classifier of 1000 classes \('tench.*cannot be measured"):
+        evaluate.main([str(folder), "--data-dir", str(data), "--engine", "pytorch"])
+
+
+def test_doctor_checks_a_timm_classifiers_declared_contract(hub, client, timm_resnet18, capsys):
+    """The doctor loads a Hub repo id, declares the pretrained_cfg's contract, and ranks candidates against it."""
+    from timm.models import push_to_hf_hub
+
+    from cifar_transfer import doctor
+
+    push_to_hf_hub(timm_resnet18, "alice/resnet18-colours", model_config={"label_names": COLOURS})
+    model, name = doctor.load_model("alice/resnet18-colours")
+    assert "contract from the repo's pretrained_cfg" in name and model.contract.mean == (0.485, 0.456, 0.406)
+    pixels = colour_images(8, 224, seed=1000)[0]
+    report = doctor.diagnose(model, pixels, name=name)
+    assert report.declared == model.contract
+    assert report.best.name == "imagenet" and report.agrees_with_declared is True

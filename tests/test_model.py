@@ -171,6 +171,79 @@ def test_missing_folder_is_named(tmp_path):
         read_config(tmp_path / "nope")
 
 
+# -- any timm classifier: its contract from pretrained_cfg ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_timm():
+    """Another project's timm classifier: a small architecture this package does not train, random init."""
+    torch.manual_seed(0)
+    return timm.create_model("resnet10t", pretrained=False, num_classes=3).eval()
+
+
+def _timm_folder(folder, net, **model_config):
+    from timm.models import save_for_hf
+
+    save_for_hf(net, str(folder), model_config=model_config or None, safe_serialization=True)
+    return folder
+
+
+def test_a_plain_timm_checkpoint_loads_with_the_contract_timm_applies(tmp_path, tiny_timm):
+    folder = _timm_folder(tmp_path / "t", tiny_timm, label_names=["x", "y", "z"])
+    model = load_checkpoint(folder)
+    data_config = timm.data.resolve_data_config({}, model=tiny_timm)  # what a timm user's pipeline does
+    c = model.contract
+    assert (c.mean, c.std) == (tuple(data_config["mean"]), tuple(data_config["std"]))
+    assert (c.input_size, c.interpolation, c.crop_pct, c.crop_mode) == (
+        data_config["input_size"][1], data_config["interpolation"], data_config["crop_pct"], data_config["crop_mode"])
+    assert (c.channel_order, c.pixel_scale, c.times) == ("RGB", 1.0, 1) and c.name == "pretrained_cfg"
+    assert model.contract_source == "contract from the repo's pretrained_cfg" and model.class_names == ["x", "y", "z"]
+    assert model.architecture == "resnet10t" and model.metrics is None
+    x = torch.randint(0, 256, (2, 3, 50, 40), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(model.classify(x), tiny_timm(model.preprocess(x)))
+        assert torch.equal(CifarTransferModel.from_pretrained(str(folder)).classify(x), model.classify(x))
+    with pytest.raises(CheckpointError, match="another project's timm classifier"):  # we write only our own
+        save_checkpoint(model, tmp_path / "copy")
+
+
+def test_a_timm_checkpoint_without_label_names_gets_numbered_labels(tmp_path, tiny_timm):
+    assert load_checkpoint(_timm_folder(tmp_path / "t", tiny_timm)).class_names == ["class 0", "class 1", "class 2"]
+    cfg = _cfg(tmp_path / "t")
+    assert read_config(tmp_path / "t") == cfg
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(architecture="no_such_net"), "unknown architecture 'no_such_net'"),
+        (dict(label_names=["x", "y"]), "num_classes is 3 but there are 2 label_names"),
+        (dict(num_classes=0), "num_classes must be a positive integer"),
+        (dict(pretrained_cfg={"input_size": [3, 224, 160]}), r"input_size \[3, 224, 160\] is not a square"),
+        (dict(pretrained_cfg={"interpolation": "lanczos"}), "does not implement.*interpolation"),
+        (dict(pretrained_cfg={"crop_mode": "border"}), "does not implement.*crop_mode"),
+        (dict(pretrained_cfg={"std": [0.2, 0.0, 0.2]}), "std must be positive"),
+        (dict(pretrained_cfg=[1, 2]), "pretrained_cfg must be a JSON object"),
+    ],
+)
+def test_a_timm_checkpoint_this_package_cannot_serve_is_refused_with_the_reason(tmp_path, tiny_timm, change, message):
+    folder = _timm_folder(tmp_path / "t", tiny_timm, label_names=["x", "y", "z"])
+    cfg = _cfg(folder)
+    if isinstance(change.get("pretrained_cfg"), dict):
+        change = {"pretrained_cfg": {**cfg["pretrained_cfg"], **change["pretrained_cfg"]}}
+    _edit(folder, **change)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(folder)
+
+
+def test_a_timm_checkpoint_with_only_pickled_weights_is_refused(tmp_path, tiny_timm):
+    from timm.models import save_for_hf
+
+    save_for_hf(tiny_timm, str(tmp_path / "t"), safe_serialization=False)  # pytorch_model.bin only: a pickle
+    with pytest.raises(CheckpointError, match="model.safetensors is missing .*pytorch_model.bin, a pickle"):
+        load_checkpoint(tmp_path / "t")
+
+
 def _cfg(folder):
     return json.loads((folder / "config.json").read_text())
 
