@@ -16,6 +16,7 @@ probed layer's input, concatenated over the layers in the order given.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -142,7 +143,8 @@ class OnnxEngine:
     def _export(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp-{os.getpid()}")
-        probed = _Probed(self.model.to(memory_format=torch.contiguous_format), self.layers).eval()
+        # a copy: the export must not change the memory format of a model PyTorch still runs
+        probed = _Probed(copy.deepcopy(self.model).to(memory_format=torch.contiguous_format), self.layers).eval()
         example = torch.zeros(2, 3, self.input_size, self.input_size)
         try:
             with torch.no_grad():
