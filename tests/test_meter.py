@@ -61,6 +61,10 @@ def test_shipped_calibration_is_keyed_to_the_checkpoint_and_reads_every_batchnor
 def test_thresholds_follow_their_recorded_derivation(calibration):
     t, d, m = calibration.thresholds, calibration.derivation, calibration.measured
     assert 0 < t["drifting"] < t["broken"] and t["channel"] < 0
+    # each per-mistake score is standardized (mean 0, std 1) on held-out correct images and the meter takes the
+    # largest of them, so the score's drifting_quantile cannot sit below one Gaussian score's (2.05 for 0.98)
+    gaussian = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(d["drifting_quantile"])).item()
+    assert t["drifting"] >= gaussian
     # held-out correct images: the recorded false-alarm shares are what the quantiles promise
     assert m[CORRECT_KEY]["score_flag_rate"] == pytest.approx(1 - d["drifting_quantile"], abs=0.01)
     assert m[CORRECT_KEY]["channel_flag_rate"] == pytest.approx(d["channel_quantile"], abs=0.01)
