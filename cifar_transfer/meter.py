@@ -212,15 +212,21 @@ class LayerProbe:
         """``(N, 3 * L)``: for each layer, log mean-KL, mean standardized shift, mean log variance ratio."""
         if not self.captured or not self.captured[0]:
             raise RuntimeError("no forward pass was captured")
-        cols = []
-        for bn, caps in zip(self.bns, self.captured):
-            mean_b = torch.cat([c[0] for c in caps]).cpu()
-            var_b = torch.cat([c[1] for c in caps]).cpu().clamp_min(1e-12)
-            mean_r = bn.running_mean.detach().float().cpu()
-            var_r = bn.running_var.detach().float().cpu().clamp_min(1e-12)
-            kl = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
-            cols += [kl.clamp_min(1e-6).log(), ((mean_b - mean_r) / var_r.sqrt()).mean(dim=1), (var_b / var_r).log().mean(dim=1)]
-        return torch.stack(cols, dim=1)
+        return layer_features(self.bns, [(torch.cat([c[0] for c in caps]), torch.cat([c[1] for c in caps]))
+                                         for caps in self.captured])
+
+
+def layer_features(bns: list[nn.BatchNorm2d], stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The meter's ``(N, 3 * L)`` features from each layer's per-image ``(mean, variance)`` of its input, however
+    they were measured (:class:`LayerProbe`'s hooks, or the extra outputs of an ONNX export, see engine.py)."""
+    cols = []
+    for bn, (mean_b, var_b) in zip(bns, stats):
+        mean_b, var_b = mean_b.float().cpu(), var_b.float().cpu().clamp_min(1e-12)
+        mean_r = bn.running_mean.detach().float().cpu()
+        var_r = bn.running_var.detach().float().cpu().clamp_min(1e-12)
+        kl = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
+        cols += [kl.clamp_min(1e-6).log(), ((mean_b - mean_r) / var_r.sqrt()).mean(dim=1), (var_b / var_r).log().mean(dim=1)]
+    return torch.stack(cols, dim=1)
 
     def first_layer_divergence(self) -> torch.Tensor:
         """D per image at the first hooked layer (the old meter's number when layer 0 is hooked)."""

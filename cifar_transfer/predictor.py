@@ -25,8 +25,9 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, to_display, variant_contracts, variant_explanation, variant_title
-from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, MeterReading, channel_swap, find_calibration,
-                    first_layer_reading, LayerProbe)
+from .engine import make_engine
+from .meter import (CalibrationError, MeterCalibration, MeterReading, batchnorm_layers, channel_swap, find_calibration,
+                    first_layer_reading, gaussian_kl, layer_features)
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ class Predictor:
     """
 
     def __init__(self, model, metrics: dict | None = None, channels_last: bool = True,
-                 calibration: MeterCalibration | str | Path | None = None):
+                 calibration: MeterCalibration | str | Path | None = None, engine: str = "auto"):
         self.model = model.eval()
         self.contract = model.contract
         self.class_names = list(model.class_names)
@@ -370,6 +371,12 @@ class Predictor:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self._lock = threading.Lock()
+        # The meter's layers (the calibration's, else the first), measured by the engine in the same pass as the
+        # logits: ONNX Runtime on a CPU (the statistics are extra graph outputs), PyTorch elsewhere (engine.py).
+        bns = batchnorm_layers(self.model)
+        picked = self.calibration.layers if self.calibration is not None else [0]
+        self._bns = [bns[i][1] for i in picked]
+        self.engine = make_engine(self.model, [bns[i][0] for i in picked], self.contract.input_size, prefer=engine)
 
     def _calibration(self, calibration) -> tuple[MeterCalibration | None, str | None]:
         """The meter calibration (given, from a checkpoint folder, or the shipped one that fits); else why not."""
@@ -468,23 +475,24 @@ class Predictor:
         n, cal = len(batch), self.calibration
         if cal is not None:
             batch = torch.cat([batch, channel_swap(batch)])
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
         with self._lock:
-            if cal is None:
-                with BatchNormProbe(self.model) as probe:
-                    logits = self.model(batch)
-                d = probe.divergence(per_image=True)
-                readings = [first_layer_reading(float(v)) for v in d]
-                whole = first_layer_reading(float(probe.divergence(per_image=False)))
-            else:
-                with LayerProbe(self.model, cal.layers) as probe:
-                    logits = self.model(batch)
-                f = probe.features()
-                s = cal.scores(f[:n], f[n:])
-                readings = [cal.reading(float(s.score[i]), float(s.channel[i])) for i in range(n)]
-                score, channel = cal.batch_scores(s)
-                whole = cal.reading(score, channel, n_images=n)
+            logits, stats = self.engine(batch)
+        widths = [bn.num_features for bn in self._bns]
+        per_layer = list(zip(stats[:, 0].split(widths, dim=1), stats[:, 1].split(widths, dim=1)))
+        if cal is None:  # the first batch-norm layer's divergence, per image and over the whole batch
+            bn, (mean_b, var_b) = self._bns[0], per_layer[0]
+            mean_r, var_r = bn.running_mean.float().cpu(), bn.running_var.float().cpu()
+            d = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
+            readings = [first_layer_reading(float(v)) for v in d]
+            pooled_mean = mean_b.mean(0)  # equal-sized images: the batch's statistics from the per-image ones
+            pooled_var = var_b.mean(0) + mean_b.var(0, unbiased=False)
+            whole = first_layer_reading(float(gaussian_kl(pooled_mean, pooled_var, mean_r, var_r).mean()))
+        else:
+            f = layer_features(self._bns, per_layer)
+            s = cal.scores(f[:n], f[n:])
+            readings = [cal.reading(float(s.score[i]), float(s.channel[i])) for i in range(n)]
+            score, channel = cal.batch_scores(s)
+            whole = cal.reading(score, channel, n_images=n)
         probs = logits[:n].float().softmax(1)
         return (probs, readings, whole) if pooled else (probs, readings)
 
