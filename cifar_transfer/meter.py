@@ -383,18 +383,25 @@ SHIPPED_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 @torch.no_grad()
 def meter_features(model: nn.Module, normalized: torch.Tensor, layers: list[int] | None = None,
-                   twin: bool = True, batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Features of ``normalized`` (and of its channel-swapped twin) in one forward pass per chunk, eval mode."""
+                   twin: bool = True, batch_size: int = 64, engine: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Features of ``normalized`` (and of its channel-swapped twin) in one forward pass per chunk, eval mode.
+
+    The layer statistics come from the inference engine (``engine``: ONNX Runtime on a CPU, see engine.py)."""
+    from .engine import make_engine
+
     was_training = model.training
     model.eval()
+    chosen = batchnorm_layers(model)
+    chosen = chosen if layers is None else [chosen[i] for i in layers]
+    bns, widths = [bn for _, bn in chosen], [bn.num_features for _, bn in chosen]
     feats, twins = [], []
     try:
+        run = make_engine(model, [name for name, _ in chosen], normalized.shape[-1], prefer=engine)
         for s in range(0, len(normalized), batch_size):
             x = normalized[s:s + batch_size]
             n = len(x)
-            with LayerProbe(model, layers) as probe:
-                model(torch.cat([x, channel_swap(x)]) if twin else x)
-            f = probe.features()
+            _, stats = run(torch.cat([x, channel_swap(x)]) if twin else x)
+            f = layer_features(bns, list(zip(stats[:, 0].split(widths, dim=1), stats[:, 1].split(widths, dim=1))))
             feats.append(f[:n])
             if twin:
                 twins.append(f[n:])
