@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -135,13 +136,18 @@ def test_deep_link_reopens_the_same_result(browser, running_app):
 # -- phone-first layout and accessibility (issues 13 and 15) ---------------------------------------
 
 
-def open_app(browser, url, name):
+@contextlib.contextmanager
+def app_page(browser, url, name):
+    """A page of the app at viewport ``name`` (touch on the phone), examples loaded; closed afterwards."""
     width, height = VIEWPORTS[name]
     page = browser.new_page(viewport={"width": width, "height": height}, has_touch=name == "phone",
                             is_mobile=name == "phone")
-    page.goto(url)
-    page.locator("button.gallery-item").first.wait_for(timeout=60_000)
-    return page
+    try:
+        page.goto(url)
+        page.locator("button.gallery-item").first.wait_for(timeout=60_000)
+        yield page
+    finally:
+        page.close()
 
 
 def show_example(page, index=1, panels=1 + len(DEFAULT_DEMO_VARIANTS)):
@@ -168,8 +174,7 @@ def choose_every_variant(page):
 
 @pytest.mark.parametrize("name", list(VIEWPORTS))
 def test_verdict_shows_without_scrolling_after_an_example(browser, running_app, name):
-    page = open_app(browser, running_app, name)
-    try:
+    with app_page(browser, running_app, name) as page:
         show_example(page)
         assert page.evaluate("window.scrollY") == 0
         verdict = page.locator(".verdict")
@@ -180,14 +185,11 @@ def test_verdict_shows_without_scrolling_after_an_example(browser, running_app, 
         assert any("the reference" in line for line in lines)
         assert all(("same answer" in line) or ("different answer" in line) for line in lines[1:])
         assert no_horizontal_scroll(page)
-    finally:
-        page.close()
 
 
 @pytest.mark.parametrize("name", list(VIEWPORTS))
 def test_panel_captions_never_cover_the_pictures(browser, running_app, name):
-    page = open_app(browser, running_app, name)
-    try:
+    with app_page(browser, running_app, name) as page:
         show_example(page)
         for panel in page.locator(".vpanel:visible").all():
             assert panel.locator("[data-testid='block-label']:visible").count() == 0, "a label chip floats over the panel"
@@ -196,24 +198,18 @@ def test_panel_captions_never_cover_the_pictures(browser, running_app, name):
             picture.wait_for(timeout=30_000)
             for other in (panel.locator(".block.caption"), panel.locator(".meter"), panel.locator("[data-testid='label-output-value']")):
                 assert not overlaps(picture.bounding_box(), other.bounding_box())
-    finally:
-        page.close()
 
 
 def test_raw_pixels_panel_says_its_picture_is_clipped(browser, running_app):
-    page = open_app(browser, running_app, "desktop")
-    try:
+    with app_page(browser, running_app, "desktop") as page:
         show_example(page)
         values = page.locator(".panel-raw_0_255 .values").inner_text()
         assert re.search(r"\d+% of them lie outside that range", values) and "clipped" in values
         assert "outside" not in page.locator(".panel-correct .values").inner_text()
-    finally:
-        page.close()
 
 
 def test_seven_panels_on_a_desktop_share_one_grid(browser, running_app):
-    page = open_app(browser, running_app, "desktop")
-    try:
+    with app_page(browser, running_app, "desktop") as page:
         choose_every_variant(page)
         show_example(page, panels=7)
         boxes = [p.bounding_box() for p in page.locator(".vpanel:visible").all()]
@@ -224,37 +220,28 @@ def test_seven_panels_on_a_desktop_share_one_grid(browser, running_app):
             rows.setdefault(round(b["y"]), []).append(b)
         assert len(rows) >= 2 and all(len({round(b["height"]) for b in row}) == 1 for row in rows.values())
         assert no_horizontal_scroll(page)
-    finally:
-        page.close()
 
 
 def test_copy_link_feedback_stays_visible(browser, running_app):
-    page = open_app(browser, running_app, "phone")
-    try:
+    with app_page(browser, running_app, "phone") as page:
         show_example(page)
         page.get_by_role("button", name="Copy a link to this result").click()
         note = page.locator(".link-note")
         page.wait_for_timeout(3000)  # Gradio's own "Copied!" is gone by now; ours stays
         assert note.is_visible() and "Link copied" in note.inner_text()
-    finally:
-        page.close()
 
 
 def test_examples_have_names_and_the_contract_reads_plainly(browser, running_app):
-    page = open_app(browser, running_app, "phone")
-    try:
+    with app_page(browser, running_app, "phone") as page:
         names = [b.get_attribute("aria-label") for b in page.locator("button.gallery-item").all()]
         assert len(names) == 8 and all(n and n.startswith("Example: ") for n in names)
         assert "airplane" in names[0]
         text = page.locator("text=The network computes").first.inner_text()
         assert "× 1 " not in text and "(pixel / 255 − mean) / std" in text
-    finally:
-        page.close()
 
 
 def test_measured_table_is_readable_on_a_phone(browser, running_app):
-    page = open_app(browser, running_app, "phone")
-    try:
+    with app_page(browser, running_app, "phone") as page:
         page.get_by_role("tab", name="Does it matter? (measured)").click()
         cells = page.locator(".exp-table td")
         cells.first.wait_for(timeout=30_000)
@@ -273,8 +260,6 @@ def test_measured_table_is_readable_on_a_phone(browser, running_app):
             assert caption.is_visible() and not overlaps(caption.bounding_box(), plot.locator("img").bounding_box())
             assert plot.locator("[data-testid='block-label']:visible, button:visible:not(:has(img))").count() == 0
         assert no_horizontal_scroll(page)
-    finally:
-        page.close()
 
 
 def axe_violations(page) -> list[dict]:
@@ -290,9 +275,8 @@ def test_no_serious_accessibility_violations(browser, running_app, name, tmp_pat
     """axe-core in each state a visitor reaches: a result, every variant, an error on screen, the second tab."""
     bad = tmp_path / "notes.png"
     bad.write_text("not an image")
-    page = open_app(browser, running_app, name)
     found = {}
-    try:
+    with app_page(browser, running_app, name) as page:
         show_example(page)
         found["after an example"] = axe_violations(page)
         choose_every_variant(page)
@@ -305,6 +289,4 @@ def test_no_serious_accessibility_violations(browser, running_app, name, tmp_pat
         page.get_by_role("tab", name="Does it matter? (measured)").click()
         page.locator(".exp-table td").first.wait_for(timeout=30_000)
         found["second tab"] = axe_violations(page)
-    finally:
-        page.close()
     assert found == {state: [] for state in found}
