@@ -37,6 +37,7 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.json"
 CARD_NAME = "README.md"
+CALIBRATION_NAME = "meter_calibration.json"  # the contract meter's calibration for these weights (meter.py), if any
 PICKLED_WEIGHTS = ("pytorch_model.bin", "model.pth", "model.pt")  # what older timm repos hold instead; never loaded
 
 # Hub metadata, declared once: the model class and the card both read these.

@@ -45,13 +45,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import CALIBRATION_NAME
+
 # First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
 # CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
 # max 1.11; raw 0-255 input about 15,000. They catch raw 0-255 pixels and little else (see the README).
 WITHIN = 1.2
 DRIFTING = 10.0
 
-CALIBRATION_FILE = "meter_calibration.json"
+CALIBRATION_FILE = CALIBRATION_NAME
 CALIBRATION_VERSION = 1
 LEVELS = ("ok", "drifting", "broken", "unknown")
 COLOURS = {"ok": "#2e7d32", "drifting": "#f9a825", "broken": "#c62828", "unknown": "#757575"}

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from .card import render_model_card
 from .hub import REPO_ID, describe_hub_error
-from .checkpoint import CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, read_config, read_metrics
+from .checkpoint import CALIBRATION_NAME, CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, read_config, read_metrics
 
-UPLOADED = (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME)  # plus the model card, rendered for the repo
+UPLOADED = (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CALIBRATION_NAME)  # those present; plus the card, rendered for the repo
 KEEP_IF_PRESENT = {".gitattributes", CARD_NAME}  # files an empty Hub repo may already hold
 
 

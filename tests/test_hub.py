@@ -8,6 +8,7 @@ import html
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tests.hub_server import LoopbackHub
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_LoopbackAliceSecret0123456789"  # alice's write token on the loopback Hub
-CHECKPOINT_FILES = ("model.safetensors", "config.json", "metrics.json")
+CHECKPOINT_FILES = ("model.safetensors", "config.json", "metrics.json", "meter_calibration.json")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,8 @@ def checkpoint(tmp_path, model):
                "command": "python -m cifar_transfer.train --max-test-per-class 4", "train_wall_seconds": 12.5}
     folder = save_checkpoint(model, tmp_path / "ck", metrics)
     (folder / "train_state.pt").write_bytes(b"optimizer state that must never be uploaded")
+    # a meter calibration travels with the weights (this one is the shipped model's: only its transport is tested)
+    shutil.copy(REPO / "checkpoints" / "efficientnet_lite0-cifar10" / "meter_calibration.json", folder)
     return folder
 
 
@@ -189,8 +192,10 @@ def test_train_push_to_hub_publishes_the_trained_checkpoint(hub, client, tmp_pat
                 "--epochs", "1", "--no-progress", "--no-variants", "--data-dir", str(data), "--output", str(out),
                 "--push-to-hub", "alice/tiny", "--private"])
     assert (out / "train_state.pt").is_file() and hub.repos["alice/tiny"].private
-    assert set(hub.files("alice/tiny")) == {".gitattributes", *CHECKPOINT_FILES, "README.md"}
-    for name in CHECKPOINT_FILES:
+    # training writes no meter calibration (python -m cifar_transfer.meter does): the rest is published
+    trained_files = [name for name in CHECKPOINT_FILES if name != "meter_calibration.json"]
+    assert set(hub.files("alice/tiny")) == {".gitattributes", *trained_files, "README.md"}
+    for name in trained_files:
         assert hub.file_bytes("alice/tiny", name) == (out / name).read_bytes()
 
 
