@@ -85,16 +85,18 @@ def batch_divergence(model: nn.Module, normalized: torch.Tensor) -> tuple[float,
         model.train(was_training)
 
 
-def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibration | None) -> tuple[torch.Tensor, str]:
+def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibration | None,
+            features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
     """Per-image misfit of ``normalized`` inputs, and the meter's level for them as one batch.
 
     Misfit: the calibrated meter's score, or its channel-swap evidence when larger (the negated paired channel
-    score); without a calibration, the log of the first batch-norm divergence.
+    score); without a calibration, the log of the first batch-norm divergence. ``features``: the meter's
+    features and twin features of ``normalized``, when already measured.
     """
     if calibration is None:
         pooled, per_image = batch_divergence(model, normalized)
         return per_image.clamp_min(1e-12).log(), first_layer_reading(pooled).level
-    f, twin = meter_features(model, normalized, calibration.layers)
+    f, twin = features if features is not None else meter_features(model, normalized, calibration.layers)
     s = calibration.scores(f, twin)
     score, channel = calibration.batch_scores(s)
     return torch.maximum(s.score, -s.channel), calibration.reading(score, channel, len(normalized)).level
@@ -219,7 +221,13 @@ def diagnose(model: nn.Module, pixels: torch.Tensor, *, reference: Normalization
     cal = _calibration_or_none(model, calibration)
     candidates = candidate_contracts(reference)
     names = list(candidates)
-    measured = [misfits(model, c.transform()(pixels.float()), cal) for c in candidates.values()]
+    batches = [c.transform()(pixels.float()) for c in candidates.values()]
+    feats = [None] * len(batches)
+    if cal is not None:  # every candidate through one meter_features call: one engine, not one per candidate
+        f, twin = meter_features(model, torch.cat(batches), cal.layers)
+        n = len(pixels)
+        feats = [(f[i * n:(i + 1) * n], twin[i * n:(i + 1) * n]) for i in range(len(batches))]
+    measured = [misfits(model, b, cal, fe) for b, fe in zip(batches, feats)]
     per_image = torch.stack([m for m, _ in measured])
     order, confidence = decide(names, per_image)
     scores = [Score(names[i], candidates[names[i]], float(per_image[i].mean()), aliases(names[i], candidates, reference),
