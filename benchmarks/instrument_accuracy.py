@@ -46,17 +46,17 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(neg) * len(pos)))
 
 
-def test_pixels(data_dir: Path, per_class: int, seed: int) -> torch.Tensor:
-    from PIL import Image
+def test_pixels(data_dir: Path, per_class: int, seed: int, side: int = 32, contract=None) -> torch.Tensor:
+    """``per_class`` random test images of each class, read as the app reads an upload (cifar_transfer.images)."""
+    from cifar_transfer.images import read_square
 
     root = data_dir / "test"
     rng = random.Random(seed)
-    arrays = []
+    pixels = []
     for c in sorted(p.name for p in root.iterdir() if p.is_dir()):
         for p in rng.sample(sorted((root / c).iterdir()), per_class):
-            with Image.open(p) as im:
-                arrays.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
-    return torch.stack(arrays)
+            pixels.append(read_square(p, side, contract))
+    return torch.stack(pixels)
 
 
 #: Variants whose channel-swapped twin is run. The app runs a twin for every panel; for the other variants the
@@ -72,9 +72,9 @@ def collect(model, pixels: torch.Tensor, chunk: int = 25) -> dict:
     tf = {k: c.transform() for k, c in contracts.items()}
     out = {k: {"f": [], "t": [], "m0": [], "v0": []} for k in contracts}
     for s in range(0, len(pixels), chunk):
-        base = tf[CORRECT_KEY].resize(pixels[s:s + chunk].float())
+        chunk_pixels = pixels[s:s + chunk].float()
         for k in contracts:
-            x = tf[k](base)
+            x = tf[k](chunk_pixels)  # each variant's own transform, as Predictor.network_input
             n = len(x)
             twin = k in TWINS
             with LayerProbe(model) as probe:
@@ -106,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--output", default=str(REPO / "results/instrument_accuracy/instrument_accuracy.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from cifar_transfer.images import pixel_side
     from cifar_transfer.model import load_checkpoint, read_metrics
     from cifar_transfer.meter import first_batchnorm
 
@@ -113,7 +114,8 @@ def main(argv=None) -> None:
     model = load_checkpoint(args.checkpoint).eval().to(memory_format=torch.channels_last)
     cal = find_calibration(model, args.checkpoint)
     accuracy = (read_metrics(args.checkpoint) or {}).get("accuracy", {})
-    pixels = test_pixels(Path(args.data_dir), args.per_class, args.seed)
+    side = pixel_side(model.contract, read_metrics(args.checkpoint))
+    pixels = test_pixels(Path(args.data_dir), args.per_class, args.seed, side, model.contract)
     n = len(pixels)
     print(f"{n} test images, {len(WRONG_VARIANTS) + 1} variants, twins in the same pass")
     if args.cache and Path(args.cache).is_file():

@@ -7,9 +7,17 @@ Two sources:
 * any class-folder dataset with ``train/<class>/*`` and ``test/<class>/*``
   (``../shared/datasets/cifar10-jpeg`` is one).
 
-Images are stored as ``(N, 3, S, S)`` uint8. Augmentation (random crop with
-padding, horizontal flip) runs on whole batches as tensor operations; resizing
-and the normalization contract are applied later, by the model's transform.
+Images are stored as ``(N, 3, S, S)`` uint8. A class-folder image is read by
+the one image pipeline, :func:`cifar_transfer.images.read_square`: decoded
+safely to upright RGB (EXIF orientation, transparency on white, 16-bit,
+palette, first frame), then brought to ``S x S`` by the contract's own resize
+policy (``contract``: the model's; default: centre crop, bilinear) -- an image
+already ``S x S``, as every CIFAR-10 image, is stored exactly as decoded. The
+app reads an upload the same way, so a file gives the same network input in
+training, evaluation and the app. Augmentation (random crop with padding,
+horizontal flip) runs on whole batches as tensor operations; resizing to the
+network's input size and the normalization are applied later, by the model's
+transform.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+from .contract import NormalizationContract
+from .images import IMAGE_EXTENSIONS, ImageInputError, read_square
+
 DEFAULT_DOWNLOAD_ROOT = Path(os.environ.get("CIFAR_TRANSFER_DATA", Path.home() / ".cache" / "cifar_transfer" / "data"))
 
 
@@ -64,8 +74,12 @@ def load_dataset(
     max_per_class: int | None = None,
     max_test_per_class: int | None = None,
     workers: int = 8,
+    contract: NormalizationContract | None = None,
 ) -> Dataset:
     """Load CIFAR-10 (torchvision) or a ``train/`` + ``test/`` class-folder dataset.
+
+    Class-folder images are stored at ``image_size`` square by :func:`cifar_transfer.images.read_square`
+    (``contract``: whose resize policy brings other sizes and shapes to that square; default: centre crop, bilinear).
 
     ``classes`` keeps only those classes (relabelled 0..k-1 in the given order);
     ``max_per_class`` keeps the first N training images of each class (and
@@ -80,7 +94,7 @@ def load_dataset(
     if not root.is_dir():
         raise DataError(f"--data-dir must be a folder, but {root} is a file")
     if (root / "train").is_dir() and (root / "test").is_dir():
-        return _load_folder(root, image_size, classes, max_per_class, max_test_per_class, workers)
+        return _load_folder(root, image_size, classes, max_per_class, max_test_per_class, workers, contract)
     if (root / "cifar-10-batches-py").is_dir() or root.name == "cifar-10-batches-py":
         base = root.parent if root.name == "cifar-10-batches-py" else root
         return _limit(_load_torchvision(base, download=False), classes, max_per_class, max_test_per_class)
@@ -118,20 +132,16 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return names
 
 
-def _decode(path: Path, size: int) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
+def _decode(path: Path, size: int, contract: NormalizationContract | None = None) -> torch.Tensor:
+    """``(3, size, size)`` uint8 RGB pixels of one file (see :func:`cifar_transfer.images.read_square`)."""
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
+        return read_square(path, size, contract)
+    except ImageInputError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def _read_split(split_dir: Path, classes: list[str], size: int, limit: int | None, workers: int) -> Split:
+def _read_split(split_dir: Path, classes: list[str], size: int, limit: int | None, workers: int,
+                contract: NormalizationContract | None = None) -> Split:
     paths, labels = [], []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
@@ -144,12 +154,12 @@ def _read_split(split_dir: Path, classes: list[str], size: int, limit: int | Non
         paths += files
         labels += [label] * len(files)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        arrays = list(pool.map(lambda p: _decode(p, size), paths, chunksize=256))
-    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+        pixels = list(pool.map(lambda p: _decode(p, size, contract), paths, chunksize=256))
+    images = torch.stack(pixels)
     return Split(images, torch.tensor(labels, dtype=torch.int64))
 
 
-def _load_folder(root: Path, size: int, classes, max_per_class, max_test_per_class, workers) -> Dataset:
+def _load_folder(root: Path, size: int, classes, max_per_class, max_test_per_class, workers, contract=None) -> Dataset:
     found = _class_dirs(root / "train")
     test_found = _class_dirs(root / "test")
     if found != test_found:
@@ -159,8 +169,8 @@ def _load_folder(root: Path, size: int, classes, max_per_class, max_test_per_cla
         if unknown:
             raise DataError(f"class(es) {unknown} not in {root}/train (found {found})")
         found = list(classes)
-    train = _read_split(root / "train", found, size, max_per_class, workers)
-    test = _read_split(root / "test", found, size, max_test_per_class, workers)
+    train = _read_split(root / "train", found, size, max_per_class, workers, contract)
+    test = _read_split(root / "test", found, size, max_test_per_class, workers, contract)
     name = "CIFAR-10 (JPEG copy)" if "cifar10" in root.name.lower().replace("-", "").replace("_", "") else root.name
     return Dataset(name, found, train, test, source=str(root))
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
-from .data import IMAGE_EXTENSIONS
+from .images import IMAGE_EXTENSIONS, ImageInputError, pixel_side, read_square
 from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
                     meter_features)
 
@@ -325,25 +325,27 @@ def check_batch(model: nn.Module, normalized_batch: torch.Tensor, calibration: M
 # -- images ---------------------------------------------------------------------------------------
 
 
-def load_images(folder: str | Path, size: int, max_images: int = 64) -> torch.Tensor:
-    """Up to ``max_images`` images under ``folder`` (recursively, sorted), centre-cropped to ``size`` x ``size``."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+def load_images(folder: str | Path, size: int, max_images: int = 64,
+                contract: NormalizationContract | None = None) -> torch.Tensor:
+    """Up to ``max_images`` images under ``folder`` (recursively, sorted) as ``(N, 3, size, size)`` uint8.
 
+    Read by the one image pipeline (:func:`cifar_transfer.images.read_square`: EXIF orientation, alpha on white, ...,
+    then ``contract``'s resize policy at ``size``; default: centre crop, bilinear): the pixels the dataset stores
+    and the app reads for the same files at that size.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DoctorError(f"image folder not found: {folder}")
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:max_images]
     if len(paths) < 2:
         raise DoctorError(f"{folder} holds {len(paths)} image(s) ({', '.join(IMAGE_EXTENSIONS)}); the doctor needs at least 2")
-    arrays = []
+    pixels = []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                im = ImageOps.fit(im.convert("RGB"), (size, size), Image.BILINEAR)
-                arrays.append(torch.tensor(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise DoctorError(f"cannot read image {p}: {exc}") from exc
-    return torch.stack(arrays).permute(0, 3, 1, 2).contiguous()
+            pixels.append(read_square(p, size, contract))
+        except ImageInputError as exc:
+            raise DoctorError(f"cannot read image {p}: {exc}") from None
+    return torch.stack(pixels)
 
 
 def procedural_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -360,10 +362,10 @@ def procedural_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tenso
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def builtin_images(size: int) -> tuple[torch.Tensor, str]:
+def builtin_images(size: int, contract: NormalizationContract | None = None) -> tuple[torch.Tensor, str]:
     """The app's example images when present, else procedural ones."""
     if EXAMPLES_DIR.is_dir() and len([p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]) >= 2:
-        return load_images(EXAMPLES_DIR, size), f"the built-in examples ({EXAMPLES_DIR})"
+        return load_images(EXAMPLES_DIR, size, contract=contract), f"the built-in examples ({EXAMPLES_DIR})"
     return procedural_images(size=size), "16 procedurally generated images"
 
 
@@ -373,16 +375,24 @@ def builtin_images(size: int) -> tuple[torch.Tensor, str]:
 def load_model(ref: str, backbone_weights: str | None = None):
     """A BACKBONES name (pretrained weights, new head), or a checkpoint folder or Hub repo id: this package's, or any
     timm classifier's (its declared contract then comes from its pretrained_cfg)."""
+    model, name, _ = load_model_and_side(ref, backbone_weights)
+    return model, name
+
+
+def load_model_and_side(ref: str, backbone_weights: str | None = None):
+    """:func:`load_model`, and the side at which images are read for it (:func:`cifar_transfer.images.pixel_side`:
+    a checkpoint's training image size, as the app reads uploads for it)."""
     from .backbones import BACKBONES
+    from .checkpoint import read_metrics
     from .hub import REPO_ID, resolve_checkpoint
     from .model import CifarTransferModel
 
     if Path(ref).is_dir() or (ref not in BACKBONES and REPO_ID.match(ref)):
-        _, model, note = resolve_checkpoint(ref)
-        return model, f"checkpoint {ref} ({note})"
+        folder, model, note = resolve_checkpoint(ref)
+        return model, f"checkpoint {ref} ({note})", pixel_side(model.contract, read_metrics(folder))
     if ref in BACKBONES:
         model = CifarTransferModel.from_backbone(ref, weights_file=backbone_weights)
-        return model.eval(), f"{ref} ({BACKBONES[ref].description})"
+        return model.eval(), f"{ref} ({BACKBONES[ref].description})", pixel_side(model.contract)
     raise DoctorError(f"{ref!r} is neither a checkpoint folder nor a backbone name (known: {', '.join(BACKBONES)}), "
                       "nor a Hub repo id USER/NAME")
 
@@ -407,12 +417,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_images < 2:
         raise SystemExit("error: --max-images must be at least 2")
     try:
-        model, name = load_model(args.model, args.backbone_weights)
-        size = model.contract.input_size
+        model, name, size = load_model_and_side(args.model, args.backbone_weights)
         if args.images:
-            pixels, source = load_images(args.images, size, args.max_images), str(args.images)
+            pixels, source = load_images(args.images, size, args.max_images, model.contract), str(args.images)
         else:
-            pixels, source = builtin_images(size)
+            pixels, source = builtin_images(size, model.contract)
         report = diagnose(model, pixels, name=name, images=source)
     except (DoctorError, BackboneError, CheckpointError) as exc:
         raise SystemExit(f"error: {exc}") from None
