@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import io
 import math
 import os
 import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import data as data_mod
@@ -34,6 +36,7 @@ from .cli import HelpFormatter
 from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, get_backbone
 from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE, evaluate_variants, predict_logits
 from .checkpoint import atomic_write_bytes
+from .contract import CORRECT_KEY, WRONG_VARIANTS
 from .model import CifarTransferModel, save_checkpoint
 from .runtime import environment_info, pick_device
 
@@ -307,14 +310,90 @@ class FeatureCache:
             self.views.append(torch.cat(chunks))
 
 
+# -- a run, part by part ---------------------------------------------------------------
+#
+# train() -> run(): check_before_work, prepare_data, build_model, make_optimizer, (resume) load_train_state,
+# make_batches, fit (train_one_epoch + the batches' own evaluation, save_train_state per epoch),
+# sync_replicas, evaluate_on_test, final_metrics, write_checkpoint; publish_checkpoint at the edge.
+
+
 def train(cfg: TrainConfig) -> Path:
+    """Train as ``cfg`` says and write the checkpoint to ``cfg.output``; with ``push_to_hub``, publish it."""
     cfg = cfg.resolved()
     dist = init_distributed(cfg.device)
     try:
-        return _train(cfg, dist)
+        out = run(cfg, dist)
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if cfg.push_to_hub and dist.main:
+        publish_checkpoint(out, cfg.push_to_hub, cfg.hub_private)
+    return out
+
+
+def run(cfg: TrainConfig, dist: Dist) -> Path:
+    """This process's part of a run (``cfg`` resolved): everything but publishing. Returns the checkpoint folder."""
+    clock = Clock()  # wall time counts from the start of the command (data decoding and feature caching included)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device, dist.local_rank)
+    torch.manual_seed(cfg.seed)
+    out, state_path = Path(cfg.output), Path(cfg.output) / STATE_NAME
+    say = print if dist.main else (lambda *a, **k: None)
+
+    pretrained = check_before_work(cfg, dist, out)
+    data = prepare_data(cfg, say)
+    net = build_model(cfg, data.dataset.classes, pretrained, device, dist, say)
+    del pretrained
+    opt = make_optimizer(net.trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+    state = TrainState()
+    if cfg.resume:
+        state = load_train_state(state_path, net.model, opt)
+        say(f"resumed from {state_path} after epoch {state.epoch}")
+    clock.before = state.elapsed
+    batches = make_batches(cfg, data, net, dist, say)
+    fit(cfg, dist, net, opt, batches, state, state_path, clock, say)
+
+    train_seconds = clock()
+    ddp_info = sync_replicas(net, dist)
+    if dist.main:
+        accuracies, time_to_accuracy, variant_seconds = evaluate_on_test(net.model, data.dataset.test, cfg, device,
+                                                                          clock, say)
+        metrics = final_metrics(cfg, data.dataset, accuracies, state.history, device, ddp_info, train_seconds,
+                                time_to_accuracy, clock(), variant_seconds)
+        write_checkpoint(net.model, out, metrics, train_seconds, say)
+    dist.barrier()
+    return out
+
+
+class Clock:
+    """Wall seconds since the command started, plus ``before``: the seconds of the run it resumes."""
+
+    def __init__(self):
+        self.start, self.before = time.perf_counter(), 0.0
+
+    def __call__(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+
+def check_before_work(cfg: TrainConfig, dist: Dist, out: Path) -> dict:
+    """Refuse a bad configuration, a missing Hub token, missing ImageNet weights (a download, or
+    --backbone-weights) or an unwritable output folder before the slow work (decoding the dataset).
+    Returns the pretrained backbone's state dict."""
+    if cfg.cache_features and cfg.freeze_stages <= 0:
+        raise SystemExit("--cache-features needs --freeze-stages of at least 1")
+    if cfg.push_to_hub and dist.main:
+        from huggingface_hub import get_token
+
+        if not get_token():
+            raise SystemExit("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login` "
+                             "(checked before training so a long run is not wasted)")
+    if cfg.batch_size % dist.world_size:
+        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({dist.world_size})")
+    pretrained = get_backbone(cfg.backbone).pretrained_state_dict(cfg.backbone_weights)
+    if dist.main:
+        check_writable(out)
+    return pretrained
 
 
 def check_writable(folder: Path) -> None:
@@ -327,40 +406,48 @@ def check_writable(folder: Path) -> None:
         raise SystemExit(f"error: cannot write the checkpoint to {folder}: {exc.strerror or exc}") from None
 
 
-def _train(cfg: TrainConfig, dist: Dist) -> Path:
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device, dist.local_rank)
-    torch.manual_seed(cfg.seed)
-    out = Path(cfg.output)
-    say = print if dist.main else (lambda *a, **k: None)
+@dataclass
+class TrainData:
+    dataset: data_mod.Dataset
+    eval_split: data_mod.Split  # scored after every epoch: the validation split, else the test split
+    eval_name: str  # "val" or "test"
 
-    if cfg.cache_features and cfg.freeze_stages <= 0:
-        raise SystemExit("--cache-features needs --freeze-stages of at least 1")
-    if cfg.push_to_hub and dist.main:
-        from huggingface_hub import get_token
 
-        if not get_token():
-            raise SystemExit("--push-to-hub needs a Hugging Face token: set HF_TOKEN or run `hf auth login` "
-                             "(checked before training so a long run is not wasted)")
-    if cfg.batch_size % dist.world_size:
-        raise SystemExit(f"--batch-size {cfg.batch_size} must be divisible by the number of processes ({dist.world_size})")
-    # What can fail fast fails before the slow work (decoding the dataset): the ImageNet weights
-    # (a download, or --backbone-weights) and a writable output folder.
-    pretrained = get_backbone(cfg.backbone).pretrained_state_dict(cfg.backbone_weights)
-    if dist.main:
-        check_writable(out)
-
+def prepare_data(cfg: TrainConfig, say=print) -> TrainData:
+    """The dataset as ``cfg`` selects it, a validation split held out with ``--val-fraction``."""
     ds = data_mod.load_dataset(cfg.data_dir, image_size=cfg.image_size, download=cfg.download, classes=cfg.classes,
                                max_per_class=cfg.max_per_class, max_test_per_class=cfg.max_test_per_class)
     ds = data_mod.split_validation(ds, cfg.val_fraction, seed=cfg.seed)
     eval_split, eval_name = (ds.val, "val") if ds.val is not None else (ds.test, "test")
     say(f"data: {ds.name} from {ds.source}: {len(ds.train)} train, {len(eval_split)} {eval_name}, {len(ds.classes)} classes")
+    return TrainData(ds, eval_split, eval_name)
 
-    model = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size,
+
+@dataclass
+class Network:
+    """The model cut for fine-tuning: the frozen ``prefix`` (eval mode, no gradients), the ``trainable``
+    rest, and ``body``: the trainable rest as the optimiser sees it (DistributedDataParallel under torchrun)."""
+
+    model: CifarTransferModel
+    prefix: nn.Sequential
+    trainable: nn.Sequential
+    body: nn.Module
+    device: torch.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of preprocessed images: the frozen prefix runs here, without gradients, then the body."""
+        if len(self.prefix):
+            with torch.no_grad():
+                x = self.prefix(x)
+        return self.body(x)
+
+
+def build_model(cfg: TrainConfig, classes: list[str], pretrained: dict, device: torch.device, dist: Dist,
+                say=print) -> Network:
+    """The pretrained backbone with a new head for ``classes`` on ``device``, its first ``cfg.freeze_stages``
+    stages frozen (batch-norm statistics included; the last stage always trains)."""
+    model = CifarTransferModel.from_backbone(cfg.backbone, class_names=classes, input_size=cfg.input_size,
                                              pretrained_state=pretrained)
-    del pretrained
     say(f"model: {cfg.backbone}, contract {model.contract.name} mean={model.contract.mean} std={model.contract.std}, "
         f"input {cfg.input_size}px, {cfg.freeze_stages} of {len(model.stages)} stages frozen")
     model.to(device)
@@ -371,136 +458,250 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
     trainable = nn.Sequential(*list(model.stages)[n_frozen:])
     for p in prefix.parameters():
         p.requires_grad_(False)
-
     body: nn.Module = trainable
     if dist.enabled:
         body = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+    return Network(model, prefix, trainable, body, device)
 
-    opt = make_optimizer(trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if cache is None and n_frozen:  # without cached features the frozen prefix runs here, without gradients
-            with torch.no_grad():
-                x = prefix(x)
-        return body(x)
-    amp = cfg.amp if cfg.amp != "auto" else ("fp16" if device.type == "cuda" else "off")
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+# -- what --resume continues from ----------------------------------------------------------
 
-    start_epoch, history, elapsed_before = 0, [], 0.0
-    state_path = out / STATE_NAME
-    if cfg.resume:
-        if not state_path.is_file():
-            raise SystemExit(f"--resume: no saved state at {state_path}")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, history, elapsed_before = state["epoch"], state["history"], state["elapsed"]
-        say(f"resumed from {state_path} after epoch {start_epoch}")
 
-    # Data per rank: a fixed shard of the training set for cached features, a fresh shard per epoch otherwise.
+@dataclass
+class TrainState:
+    """Where a run stands after a finished epoch (``train_state.pt`` holds it with the weights, the
+    optimizer and the config)."""
+
+    epoch: int = 0  # epochs finished
+    history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    elapsed: float = 0.0  # wall seconds at the end of that epoch
+
+
+def save_train_state(path: Path, state: TrainState, model: nn.Module, opt, cfg: TrainConfig) -> None:
+    """Write ``train_state.pt`` atomically: an interrupted write leaves the previous epoch's state."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": state.epoch,
+                "history": state.history, "elapsed": state.elapsed, "config": dataclasses.asdict(cfg)}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_train_state(path: Path, model: nn.Module, opt) -> TrainState:
+    """Load the weights and optimizer state of ``path`` into ``model`` and ``opt``; return where the run stood."""
+    if not path.is_file():
+        raise SystemExit(f"--resume: no saved state at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return TrainState(state["epoch"], state["history"], state["elapsed"])
+
+
+# -- batches: cached features or images, one interface ---------------------------------------
+#
+# A batch source has ``len()`` (steps per epoch), ``epoch(e)`` (exactly that many ``(x, y)`` batches on the
+# device, the same for the same ``e``: a resumed run sees the batches a straight one does), ``features``
+# (True: ``x`` is the frozen prefix's output, False: preprocessed images the prefix still has to run on),
+# and ``eval_accuracy`` (the per-epoch score on ``eval_name``, the held-out split seen the same way).
+
+
+class ImageBatches:
+    """Augmented (random crop + flip) training images, preprocessed on the device; a fresh shuffle, and
+    under torchrun a fresh shard per rank, every epoch."""
+
+    features = False
+
+    def __init__(self, train: data_mod.Split, evaluation: data_mod.Split, eval_name: str, model: CifarTransferModel,
+                 device: torch.device, batch_size: int, seed: int, dist: Dist | None = None):
+        dist = dist or Dist()
+        self.loader = data_mod.BatchLoader(train, batch_size, shuffle=True, augment=True, seed=seed, rank=dist.rank,
+                                           world_size=dist.world_size, drop_last=True)
+        self.evaluation, self.eval_name, self.model, self.device = evaluation, eval_name, model, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        self.loader.set_epoch(epoch)
+        for xb, yb in self.loader:
+            yield self.model.preprocess(xb.to(self.device, non_blocking=True)), yb.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def eval_accuracy(self, net: Network, batch_size: int, tta_flip: bool) -> float:
+        """The whole model's accuracy on the held-out images (leaves the model in eval mode)."""
+        net.model.eval()
+        # PyTorch: the weights change every epoch, an ONNX export each time would cost more than it saves
+        logits = predict_logits(net.model, self.evaluation, device=self.device, batch_size=batch_size,
+                                tta_flip=tta_flip, engine="pytorch")
+        return (logits.argmax(1) == self.evaluation.labels).float().mean().item()
+
+
+class CachedBatches:
+    """Batches of cached frozen-prefix features (:class:`FeatureCache`): epoch ``e`` shuffles view
+    ``e mod views`` and flips each feature map horizontally with probability 1/2."""
+
+    features = True
+
+    def __init__(self, cache: FeatureCache, evaluation: FeatureCache | None, eval_name: str, device: torch.device,
+                 batch_size: int, seed: int):
+        self.cache, self.evaluation, self.eval_name = cache, evaluation, eval_name
+        self.device, self.batch_size, self.seed = device, batch_size, seed
+
+    def __len__(self) -> int:
+        return len(self.cache.labels) // self.batch_size
+
+    def epoch(self, epoch: int):
+        g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
+        feats = self.cache.views[epoch % len(self.cache.views)]
+        perm = torch.randperm(len(feats), generator=g)
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            x = feats[idx].to(self.device, torch.float32)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(3), x)
+            yield x, self.cache.labels[idx].to(self.device)
+
+    @torch.no_grad()
+    def eval_accuracy(self, net: Network, batch_size: int, tta_flip: bool) -> float:
+        """The trainable stages' accuracy on the cached held-out features (rank 0 only has them)."""
+        trainable, feats, labels = net.trainable, self.evaluation.views[0], self.evaluation.labels
+        trainable.eval()
+        correct = 0
+        for i in range(0, len(feats), batch_size):
+            x = feats[i:i + batch_size].to(self.device, torch.float32)
+            logits = trainable(x)
+            if tta_flip:
+                logits = logits.softmax(1) + trainable(x.flip(3)).softmax(1)
+            correct += (logits.argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
+        trainable.train()
+        return correct / len(feats)
+
+
+def make_batches(cfg: TrainConfig, data: TrainData, net: Network, dist: Dist, say=print) -> ImageBatches | CachedBatches:
+    """This rank's batch source: cached features of a fixed shard (``--cache-features``), else images."""
     per_rank_batch = cfg.batch_size // dist.world_size
-    cache = None
-    if cfg.cache_features:
-        shard = ds.train if not dist.enabled else ds.train.subset(torch.arange(len(ds.train))[dist.rank::dist.world_size][: len(ds.train) // dist.world_size])
-        t0 = time.perf_counter()
-        cache = FeatureCache(prefix, shard, model.preprocess, device, cfg.cache_views, cfg.seed, CACHE_BATCH,
-                             cfg.channels_last, cfg.progress and dist.main, augment=True, input_size=cfg.input_size,
-                             engine=cfg.engine)
-        eval_cache = FeatureCache(prefix, eval_split, model.preprocess, device, 1, cfg.seed, CACHE_BATCH,
-                                  cfg.channels_last, cfg.progress and dist.main, augment=False, name=eval_name,
-                                  input_size=cfg.input_size, engine=cfg.engine) if dist.main else None
-        say(f"cached {cfg.cache_views} view(s) of {len(shard)} images -> {tuple(cache.views[0].shape[1:])} in {time.perf_counter() - t0:.0f}s")
-        steps_per_epoch = len(shard) // per_rank_batch
+    if not cfg.cache_features:
+        batches = ImageBatches(data.dataset.train, data.eval_split, data.eval_name, net.model, net.device,
+                               per_rank_batch, cfg.seed, dist)
     else:
-        loader = data_mod.BatchLoader(ds.train, per_rank_batch, shuffle=True, augment=True, seed=cfg.seed,
-                                      rank=dist.rank, world_size=dist.world_size, drop_last=True)
-        steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
+        shard = data.dataset.train
+        if dist.enabled:
+            shard = shard.subset(torch.arange(len(shard))[dist.rank::dist.world_size][: len(shard) // dist.world_size])
+        t0 = time.perf_counter()
+        common = dict(device=net.device, seed=cfg.seed, batch_size=CACHE_BATCH, channels_last=cfg.channels_last,
+                      progress=cfg.progress and dist.main, input_size=cfg.input_size, engine=cfg.engine)
+        cache = FeatureCache(net.prefix, shard, net.model.preprocess, views=cfg.cache_views, augment=True, **common)
+        evaluation = FeatureCache(net.prefix, data.eval_split, net.model.preprocess, views=1, augment=False,
+                                  name=data.eval_name, **common) if dist.main else None
+        say(f"cached {cfg.cache_views} view(s) of {len(shard)} images -> {tuple(cache.views[0].shape[1:])} "
+            f"in {time.perf_counter() - t0:.0f}s")
+        batches = CachedBatches(cache, evaluation, data.eval_name, net.device, per_rank_batch, cfg.seed)
+    if len(batches) == 0:
         raise SystemExit(f"training set too small for --batch-size {cfg.batch_size}")
-    total_steps = steps_per_epoch * cfg.epochs
-    budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+    return batches
 
-    def save_state(epoch: int, elapsed: float) -> None:
-        if not dist.main:
-            return
-        import io
 
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                    "history": history, "elapsed": elapsed, "config": dataclasses.asdict(cfg)}, buf)
-        atomic_write_bytes(state_path, buf.getvalue())
+# -- the loop ----------------------------------------------------------------------------------
 
+
+@dataclass
+class Schedule:
+    """The learning rate of each step: :func:`lr_at` of the fraction of ``total_steps`` done or, with a
+    time budget, of the budget spent since ``start_s`` on ``clock`` if that is further along."""
+
+    peak: float
+    warmup: float
+    total_steps: int
+    budget_s: float | None = None
+    clock: Callable[[], float] = time.perf_counter
+    start_s: float = 0.0
+
+    def lr(self, step: int) -> float:
+        progress = step / self.total_steps
+        if self.budget_s:
+            progress = max(progress, (self.clock() - self.start_s) / (self.budget_s - self.start_s))
+        return lr_at(progress, self.peak, self.warmup)
+
+    def out_of_time(self) -> bool:
+        return bool(self.budget_s) and self.clock() >= self.budget_s
+
+
+@dataclass
+class EpochResult:
+    loss: float  # mean training loss over the epoch's samples
+    accuracy: float  # training accuracy
+    steps: int
+    out_of_time: bool  # the time budget ran out during the epoch
+
+
+def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """``--amp`` on ``device``: the autocast dtype (None: off) and the gradient scaler (active for fp16 on CUDA)."""
+    amp = amp if amp != "auto" else ("fp16" if device.type == "cuda" else "off")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    return dtype, torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
+
+
+def train_one_epoch(forward, batches, opt, loss_fn, epoch: int, schedule: Schedule, *, scaler=None, amp_dtype=None,
+                    channels_last: bool = False, desc: str = "", progress: bool = False) -> EpochResult:
+    """One pass over ``batches.epoch(epoch)``, each step at ``schedule.lr(epoch * len(batches) + step)``
+    through :func:`train_step`; stops early when the schedule's time budget is spent."""
     from tqdm.auto import tqdm
 
-    # Wall time counts from the start of the command (data decoding and feature caching included).
-    elapsed = lambda: elapsed_before + time.perf_counter() - t_start  # noqa: E731
-    if start_epoch == 0:
-        save_state(0, 0.0)
+    steps = len(batches)
+    bar = tqdm(batches.epoch(epoch), total=steps, desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
+    loss_sum, correct, seen, done, out_of_time = 0.0, 0, 0, 0, False
+    for step, (x, y) in enumerate(bar):
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lr = schedule.lr(epoch * steps + step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss, logits, _ = train_step(forward, x, y, opt, loss_fn, scaler=scaler, amp_dtype=amp_dtype)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen, done = seen + len(y), done + 1
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}")
+        if schedule.out_of_time():
+            out_of_time = True
+            break
+    bar.close()
+    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), done, out_of_time)
+
+
+def fit(cfg: TrainConfig, dist: Dist, net: Network, opt, batches, state: TrainState, state_path: Path, clock: Clock,
+        say=print) -> None:
+    """Epochs ``state.epoch + 1 .. cfg.epochs``: train, score on the held-out split (rank 0), save the state.
+    Ctrl-C exits (status 130) with the state of the last finished epoch saved."""
+    save = (lambda: save_train_state(state_path, state, net.model, opt, cfg)) if dist.main else (lambda: None)
+    if state.epoch == 0:
+        save()
     # With a time budget the schedule runs over the time left once training starts (data and caching excluded).
-    train_start = elapsed()
-    if budget_s and budget_s <= train_start:
+    budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+    schedule = Schedule(cfg.lr, cfg.warmup, len(batches) * cfg.epochs, budget_s, clock, start_s=clock())
+    if budget_s and budget_s <= schedule.start_s:
         raise SystemExit(f"--time-budget-minutes {cfg.time_budget_minutes} is used up before training starts "
-                         f"({train_start / 60:.1f} min spent loading data and caching features)")
-    epoch, stop = start_epoch, False
+                         f"({schedule.start_s / 60:.1f} min spent loading data and caching features)")
+    forward = net.body if batches.features else net.forward
+    amp_dtype, scaler = mixed_precision(cfg.amp, net.device)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    epoch = state.epoch
     try:
-        for epoch in range(start_epoch, cfg.epochs):
-            trainable.train()
+        for epoch in range(state.epoch, cfg.epochs):
+            net.trainable.train()
             torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + dist.rank)  # dropout etc.: resumable per epoch
-            g = torch.Generator().manual_seed(cfg.seed * 7_919 + epoch)
-            if cache is not None:
-                feats = cache.views[epoch % len(cache.views)]
-                perm = torch.randperm(len(feats), generator=g)
-                batches = (perm[i * per_rank_batch:(i + 1) * per_rank_batch] for i in range(steps_per_epoch))
-            else:
-                loader.set_epoch(epoch)
-                batches = iter(loader)
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and dist.main),
-                       mininterval=1.0, dynamic_ncols=True)
-            loss_sum, correct, seen = 0.0, 0, 0
-            for step in bar:
-                if cache is not None:
-                    idx = next(batches)
-                    x = feats[idx].to(device, torch.float32)
-                    flip = torch.rand(len(idx), generator=g) < 0.5
-                    x = torch.where(flip.to(device)[:, None, None, None], x.flip(3), x)
-                    y = cache.labels[idx].to(device)
-                else:
-                    xb, yb = next(batches)
-                    x = model.preprocess(xb.to(device, non_blocking=True))
-                    y = yb.to(device, non_blocking=True)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                progress = (epoch * steps_per_epoch + step) / total_steps
-                if budget_s:
-                    progress = max(progress, (elapsed() - train_start) / (budget_s - train_start))
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(progress, cfg.lr, cfg.warmup)
-                loss, logits, _ = train_step(forward, x, y, opt, loss_fn, scaler=scaler, amp_dtype=amp_dtype)
-                loss_sum += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{opt.param_groups[0]['lr']:.4f}")
-                if budget_s and elapsed() >= budget_s:
-                    stop = True
-                    break
-            bar.close()
-            train_time = elapsed()
-            record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-                      "wall_seconds": train_time, "steps": seen // max(per_rank_batch, 1)}
+            result = train_one_epoch(forward, batches, opt, loss_fn, epoch, schedule, scaler=scaler, amp_dtype=amp_dtype,
+                                     channels_last=cfg.channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                                     progress=cfg.progress and dist.main)
+            train_time = clock()
+            record = {"epoch": epoch + 1, "train_loss": result.loss, "train_acc": result.accuracy,
+                      "wall_seconds": train_time, "steps": result.steps}
             if dist.main:
-                if cache is not None:
-                    acc = _accuracy_from_features(trainable, eval_cache.views[0], eval_cache.labels, device, cfg)
-                else:
-                    acc = _accuracy(model, eval_split, device, cfg)
-                record[f"{eval_name}_acc"] = acc
-                say(f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
-                    f"{eval_name} acc {acc:.4f} | {train_time / 60:.1f} min")
-            history.append(record)
-            save_state(epoch + 1, train_time)
+                acc = record[f"{batches.eval_name}_acc"] = batches.eval_accuracy(net, cfg.eval_batch_size, cfg.tta_flip)
+                say(f"epoch {epoch + 1}: train loss {result.loss:.4f} acc {result.accuracy:.4f} | "
+                    f"{batches.eval_name} acc {acc:.4f} | {train_time / 60:.1f} min")
+            state.history.append(record)
+            state.epoch, state.elapsed = epoch + 1, train_time
+            save()
             dist.barrier()
-            if stop:
+            if result.out_of_time:
                 say(f"time budget of {cfg.time_budget_minutes} min reached after {train_time / 60:.1f} min")
                 break
     except KeyboardInterrupt:
@@ -509,34 +710,56 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
                   f"Continue with the same command plus --resume.", file=sys.stderr)
         raise SystemExit(130)
 
-    train_seconds = elapsed()
-    ddp_info = None
-    if dist.enabled:
-        # Parameters stay in sync through the all-reduced gradients; batch-norm running statistics are
-        # updated locally after DDP's per-forward broadcast, so take rank 0's, as DDP itself would next step.
-        for buf in trainable.buffers():
-            torch.distributed.broadcast(buf, src=0)
-        digest = _state_digest(model)
-        gathered = [torch.zeros_like(digest) for _ in range(dist.world_size)]
-        torch.distributed.all_gather(gathered, digest)
-        ddp_info = {"world_size": dist.world_size, "backend": torch.distributed.get_backend(),
-                    "rank_weight_digests": [f"{g.item():015x}" for g in gathered]}
-    if not dist.main:
-        dist.barrier()
-        return out
 
+# -- after training ------------------------------------------------------------------------------
+
+
+def sync_replicas(net: Network, dist: Dist) -> dict | None:
+    """Under torchrun: rank 0's batch-norm statistics on every rank, and every rank's weight digest
+    (``metrics.json`` shows they agree). None in a single process."""
+    if not dist.enabled:
+        return None
+    # Parameters stay in sync through the all-reduced gradients; batch-norm running statistics are
+    # updated locally after DDP's per-forward broadcast, so take rank 0's, as DDP itself would next step.
+    for buf in net.trainable.buffers():
+        torch.distributed.broadcast(buf, src=0)
+    digest = state_digest(net.model)
+    gathered = [torch.zeros_like(digest) for _ in range(dist.world_size)]
+    torch.distributed.all_gather(gathered, digest)
+    return {"world_size": dist.world_size, "backend": torch.distributed.get_backend(),
+            "rank_weight_digests": [f"{g.item():015x}" for g in gathered]}
+
+
+def state_digest(model: nn.Module) -> torch.Tensor:
+    """The first 60 bits of a sha256 over every tensor of the state dict, as a 1-element int64 tensor."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return torch.tensor([int(h.hexdigest()[:15], 16)], dtype=torch.int64)
+
+
+def evaluate_on_test(model: CifarTransferModel, test: data_mod.Split, cfg: TrainConfig, device: torch.device,
+                     clock: Clock, say=print) -> tuple[dict[str, float], float, float]:
+    """Test accuracy under the model's contract, then (unless ``--no-variants``) under every wrong one.
+    Returns the accuracies, the clock when the first was known (time to accuracy) and the seconds the rest took."""
     model.eval()
-    t_eval = time.perf_counter()
-    accuracies = evaluate_variants(model, ds.test, keys=["correct"], device=device, batch_size=cfg.eval_batch_size,
+    accuracies = evaluate_variants(model, test, keys=[CORRECT_KEY], device=device, batch_size=cfg.eval_batch_size,
                                    tta_flip=cfg.tta_flip, progress=cfg.progress)
-    time_to_accuracy = elapsed()  # start of the command -> trained model scored on the test set
-    say(f"test accuracy under the correct contract: {accuracies['correct']:.4f} after {time_to_accuracy / 60:.1f} min")
+    time_to_accuracy = clock()  # start of the command -> trained model scored on the test set
+    say(f"test accuracy under the correct contract: {accuracies[CORRECT_KEY]:.4f} after {time_to_accuracy / 60:.1f} min")
     t_variants = time.perf_counter()
-    wrong = [k for k in _variant_keys(cfg) if k != "correct"]
+    wrong = [k for k in WRONG_VARIANTS if k != CORRECT_KEY] if cfg.evaluate_variants else []
     if wrong:
-        accuracies.update(evaluate_variants(model, ds.test, keys=wrong, device=device, batch_size=cfg.eval_batch_size,
+        accuracies.update(evaluate_variants(model, test, keys=wrong, device=device, batch_size=cfg.eval_batch_size,
                                             tta_flip=cfg.tta_flip, progress=cfg.progress))
-    eval_seconds = time.perf_counter() - t_variants
+    return accuracies, time_to_accuracy, time.perf_counter() - t_variants
+
+
+def final_metrics(cfg: TrainConfig, ds: data_mod.Dataset, accuracies: dict[str, float], history: list[dict],
+                  device: torch.device, ddp_info: dict | None, train_seconds: float, time_to_accuracy: float,
+                  total_seconds: float, variant_seconds: float) -> dict:
+    """``metrics.json``: the scores, the history, the timings, the environment and the config of the run."""
     metrics = {
         "dataset": ds.name,
         "data_source": ds.source,
@@ -548,73 +771,40 @@ def _train(cfg: TrainConfig, dist: Dist) -> Path:
         "command": cfg.command,
         "train_wall_seconds": round(train_seconds, 1),
         "time_to_accuracy_seconds": round(time_to_accuracy, 1),
-        "total_wall_seconds": round(elapsed(), 1),
-        "variant_eval_wall_seconds": round(eval_seconds, 1),
+        "total_wall_seconds": round(total_seconds, 1),
+        "variant_eval_wall_seconds": round(variant_seconds, 1),
         "history": history,
         "environment": environment_info(device),
         "train_config": dataclasses.asdict(cfg),
     }
     if ddp_info:
         metrics["distributed"] = ddp_info
+    return metrics
+
+
+def write_checkpoint(model: CifarTransferModel, out: Path, metrics: dict, train_seconds: float, say=print) -> None:
+    """Save the model (on the CPU, contiguous) with ``metrics`` to ``out`` and print the summary."""
     model.to("cpu").to(memory_format=torch.contiguous_format)
     save_checkpoint(model, out, metrics)
-    say(f"\ntest accuracy ({ds.name}, {len(ds.test)} images): correct contract {accuracies['correct']:.4f}")
+    accuracies = metrics["accuracy"]
+    say(f"\ntest accuracy ({metrics['dataset']}, {metrics['test_size']} images): correct contract "
+        f"{accuracies[CORRECT_KEY]:.4f}")
     for k, v in accuracies.items():
-        if k != "correct":
+        if k != CORRECT_KEY:
             say(f"  {k:<20} {v:.4f}")
-    say(f"checkpoint written to {out} (train {train_seconds / 60:.1f} min, total {metrics['total_wall_seconds'] / 60:.1f} min)")
-    if cfg.push_to_hub:
-        from .publish import PublishError, publish
-
-        try:
-            say(f"published: {publish(out, cfg.push_to_hub, private=cfg.hub_private)}")
-        except PublishError as exc:
-            raise SystemExit(f"error: {exc}\nThe checkpoint is saved in {out}; retry with "
-                             f"python -m cifar_transfer.publish {out} --repo-id {cfg.push_to_hub}") from None
-    dist.barrier()
-    return out
+    say(f"checkpoint written to {out} (train {train_seconds / 60:.1f} min, "
+        f"total {metrics['total_wall_seconds'] / 60:.1f} min)")
 
 
-def _state_digest(model: nn.Module) -> torch.Tensor:
-    """The first 60 bits of a sha256 over every tensor of the state dict, as a 1-element int64 tensor."""
-    import hashlib
+def publish_checkpoint(out: Path, repo_id: str, private: bool = False) -> None:
+    """Upload the checkpoint folder to the Hub (``--push-to-hub``); on failure say how to retry, the checkpoint kept."""
+    from .publish import PublishError, publish
 
-    h = hashlib.sha256()
-    for key, value in model.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return torch.tensor([int(h.hexdigest()[:15], 16)], dtype=torch.int64)
-
-
-def _variant_keys(cfg: TrainConfig):
-    from .contract import CORRECT_KEY, WRONG_VARIANTS
-
-    yield CORRECT_KEY
-    if cfg.evaluate_variants:
-        yield from WRONG_VARIANTS
-
-
-@torch.no_grad()
-def _accuracy(model: CifarTransferModel, split: data_mod.Split, device: torch.device, cfg: TrainConfig) -> float:
-    model.eval()
-    # PyTorch: the weights change every epoch, an ONNX export each time would cost more than it saves
-    logits = predict_logits(model, split, device=device, batch_size=cfg.eval_batch_size, tta_flip=cfg.tta_flip,
-                            engine="pytorch")
-    return (logits.argmax(1) == split.labels).float().mean().item()
-
-
-@torch.no_grad()
-def _accuracy_from_features(trainable: nn.Module, feats: torch.Tensor, labels: torch.Tensor, device, cfg) -> float:
-    trainable.eval()
-    correct = 0
-    for i in range(0, len(feats), cfg.eval_batch_size):
-        x = feats[i:i + cfg.eval_batch_size].to(device, torch.float32)
-        logits = trainable(x)
-        if cfg.tta_flip:
-            logits = logits.softmax(1) + trainable(x.flip(3)).softmax(1)
-        correct += (logits.argmax(1).cpu() == labels[i:i + cfg.eval_batch_size]).sum().item()
-    trainable.train()
-    return correct / len(feats)
+    try:
+        print(f"published: {publish(out, repo_id, private=private)}")
+    except PublishError as exc:
+        raise SystemExit(f"error: {exc}\nThe checkpoint is saved in {out}; retry with "
+                         f"python -m cifar_transfer.publish {out} --repo-id {repo_id}") from None
 
 
 def main(argv: list[str] | None = None) -> None:

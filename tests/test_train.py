@@ -1,5 +1,6 @@
 """Training CLI: a real short run, resume after Ctrl-C, DistributedDataParallel, evaluation CLI."""
 
+import dataclasses
 import json
 import math
 import os
@@ -239,3 +240,130 @@ def test_flip_tta_averages_each_image_with_its_mirror(embedded_model, example_im
     tta = predict_logits(model, split, engine="pytorch", tta_flip=True)
     assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
     assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror is a different view, so TTA changes something
+
+
+# -- the parts of a run (train.run: prepare_data, build_model, make_batches, fit/train_one_epoch) ----------
+
+
+class ListBatches:
+    """A batch source over fixed batches (the interface of ImageBatches and CachedBatches)."""
+
+    features = True
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __len__(self):
+        return len(self.batches)
+
+    def epoch(self, epoch):
+        yield from self.batches
+
+
+def test_train_one_epoch_returns_the_mean_loss_and_steps_the_schedule_as_lr_at_says():
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = train_mod.make_optimizer(net, "sgd", lr=0.0, weight_decay=0.0)
+    batches = ListBatches([(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(4)])
+    seen_lr, losses, hits = [], [], []
+
+    def forward(x):
+        seen_lr.append([g["lr"] for g in opt.param_groups])
+        return net(x)
+
+    def loss_fn(logits, y):
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        losses.append(loss.item())
+        hits.append((logits.argmax(1) == y).sum().item())
+        return loss
+
+    schedule = train_mod.Schedule(peak=0.1, warmup=0.25, total_steps=3 * len(batches))
+    result = train_mod.train_one_epoch(forward, batches, opt, loss_fn, 1, schedule)
+    expected = [train_mod.lr_at((1 * 4 + step) / 12, 0.1, 0.25) for step in range(4)]  # epoch 1 of 3
+    assert seen_lr == [[lr, lr] for lr in expected]  # every parameter group, before each step
+    assert result.loss == pytest.approx(sum(losses) / 4) and result.accuracy == sum(hits) / 20
+    assert result.steps == 4 and not result.out_of_time
+
+
+def test_train_one_epoch_stops_when_the_time_budget_is_spent_and_the_schedule_follows_the_clock():
+    now = iter(range(100))
+    clock = lambda: float(next(now))  # noqa: E731 - one second per reading
+    schedule = train_mod.Schedule(peak=0.1, warmup=0.0, total_steps=1000, budget_s=6.0, clock=clock, start_s=2.0)
+    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((0 - 2) / 4, 0.1, 0.0))  # the clock read 0: not started
+    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((1 - 2) / 4, 0.1, 0.0))
+    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((2 - 2) / 4, 0.1, 0.0))
+    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((3 - 2) / 4, 0.1, 0.0))  # a quarter of the budget
+    net = torch.nn.Linear(4, 3)
+    opt = train_mod.make_optimizer(net, "sgd", lr=0.0, weight_decay=0.0)
+    batches = ListBatches([(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(10)])
+    # each step reads the clock twice (schedule, budget check): readings 4,5 then 6,7 -> the budget (6 s) is spent
+    result = train_mod.train_one_epoch(net, batches, opt, torch.nn.CrossEntropyLoss(), 0, schedule)
+    assert result.out_of_time and result.steps == 2
+
+
+def test_train_state_round_trips(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = train_mod.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
+    train_mod.train_step(net, torch.randn(8, 4), torch.randint(0, 3, (8,)), opt, torch.nn.CrossEntropyLoss())
+    state = train_mod.TrainState(epoch=2, history=[{"epoch": 1}, {"epoch": 2}], elapsed=12.5)
+    path = tmp_path / train_mod.STATE_NAME
+    train_mod.save_train_state(path, state, net, opt, train_mod.TrainConfig())
+    saved = torch.load(path, weights_only=True)
+    assert list(saved) == ["model", "optimizer", "epoch", "history", "elapsed", "config"]  # the file format
+
+    other = torch.nn.Linear(4, 3)
+    other_opt = train_mod.make_optimizer(other, "sgd", lr=0.1, weight_decay=0.0)
+    assert train_mod.load_train_state(path, other, other_opt) == state
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    assert other_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()  # momentum buffers too
+    with pytest.raises(SystemExit, match="--resume: no saved state"):
+        train_mod.load_train_state(tmp_path / "missing.pt", other, other_opt)
+
+
+def test_cached_batches_shuffle_a_view_per_epoch_flip_feature_maps_and_repeat_per_epoch():
+    n, b = 10, 4
+    views = [torch.randn(n, 2, 3, 3).half() for _ in range(2)]
+    cache = type("Cache", (), {"views": views, "labels": torch.arange(n)})()  # label i: sample i
+    batches = train_mod.CachedBatches(cache, None, "test", torch.device("cpu"), b, seed=3)
+    assert len(batches) == n // b
+    for epoch in range(3):
+        got = list(batches.epoch(epoch))
+        assert len(got) == len(batches) and all(len(x) == len(y) == b for x, y in got)
+        labels = torch.cat([y for _, y in got])
+        assert len(set(labels.tolist())) == len(labels)  # no sample twice in an epoch
+        for x, y in got:
+            assert x.dtype == torch.float32
+            for row, i in zip(x, y):
+                feature = views[epoch % 2][i].float()  # epoch e uses view e mod 2 ...
+                assert torch.equal(row, feature) or torch.equal(row, feature.flip(2))  # ... maybe mirrored
+        again = list(batches.epoch(epoch))  # a resumed run sees the same batches
+        assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(got, again))
+    flips = [torch.equal(row, views[0][i].float().flip(2)) for x, y in batches.epoch(0) for row, i in zip(x, y)]
+    assert any(flips) and not all(flips)
+
+
+def test_cached_and_image_batches_serve_the_same_run(tiny_data, tmp_path, monkeypatch):
+    """Either source: the same steps per epoch, every training image once an epoch, logits of the same shape
+    from the step's forward, and the same per-epoch score (cached features vs the whole model on images)."""
+    monkeypatch.setenv("CIFAR_TRANSFER_CACHE", str(tmp_path / "cache"))
+    quiet = lambda *a, **k: None  # noqa: E731
+    cfg = train_mod.TrainConfig(backbone="efficientnet_lite0", input_size=32, freeze_stages=3, batch_size=8,
+                                data_dir=str(tiny_data), progress=False, eval_batch_size=16).resolved()
+    data = train_mod.prepare_data(cfg, say=quiet)
+    assert data.eval_name == "test" and len(data.dataset.train) == 24
+    net = train_mod.build_model(cfg, data.dataset.classes, None, torch.device("cpu"), train_mod.Dist(), say=quiet)
+    assert len(net.prefix) == 3 and not any(p.requires_grad for p in net.prefix.parameters())
+    images = train_mod.make_batches(cfg, data, net, train_mod.Dist(), say=quiet)
+    cached = train_mod.make_batches(dataclasses.replace(cfg, cache_features=True, cache_views=2), data, net,
+                                    train_mod.Dist(), say=quiet)
+    assert isinstance(images, train_mod.ImageBatches) and isinstance(cached, train_mod.CachedBatches)
+    assert len(images) == len(cached) == 3
+    for source, forward in ((images, net.forward), (cached, net.body)):
+        assert source.features == (source is cached)  # fit runs net.body on features, net.forward on images
+        got = list(source.epoch(1))
+        assert len(got) == 3
+        assert sorted(torch.cat([y for _, y in got]).tolist()) == sorted(data.dataset.train.labels.tolist())
+        with torch.no_grad():
+            assert forward(got[0][0]).shape == (8, 3)
+    assert cached.eval_accuracy(net, 16, False) == pytest.approx(images.eval_accuracy(net, 16, False), abs=1e-6)
