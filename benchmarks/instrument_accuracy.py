@@ -46,16 +46,16 @@ def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
     return float((ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2) / (len(neg) * len(pos)))
 
 
-def test_pixels(data_dir: Path, per_class: int, seed: int, side: int = 32, contract=None) -> torch.Tensor:
+def test_pixels(data_dir: Path, per_class: int, seed: int, contract, side: int | None = 32) -> torch.Tensor:
     """``per_class`` random test images of each class, read as the app reads an upload (cifar_transfer.images)."""
-    from cifar_transfer.images import read_square
+    from cifar_transfer.images import read_pixels
 
     root = data_dir / "test"
     rng = random.Random(seed)
     pixels = []
     for c in sorted(p.name for p in root.iterdir() if p.is_dir()):
         for p in rng.sample(sorted((root / c).iterdir()), per_class):
-            pixels.append(read_square(p, side, contract))
+            pixels.append(read_pixels(p, contract, side))
     return torch.stack(pixels)
 
 
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
     cal = find_calibration(model, args.checkpoint)
     accuracy = (read_metrics(args.checkpoint) or {}).get("accuracy", {})
     side = pixel_side(model.contract, read_metrics(args.checkpoint))
-    pixels = test_pixels(Path(args.data_dir), args.per_class, args.seed, side, model.contract)
+    pixels = test_pixels(Path(args.data_dir), args.per_class, args.seed, model.contract, side)
     n = len(pixels)
     print(f"{n} test images, {len(WRONG_VARIANTS) + 1} variants, twins in the same pass")
     if args.cache and Path(args.cache).is_file():

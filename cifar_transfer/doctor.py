@@ -29,7 +29,7 @@ from torch import nn
 
 from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
-from .images import IMAGE_EXTENSIONS, ImageInputError, pixel_side, read_square
+from .images import IMAGE_EXTENSIONS, ImageInputError, pixel_side, read_square, resize_side
 from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
                     meter_features)
 
@@ -380,8 +380,8 @@ def load_model(ref: str, backbone_weights: str | None = None):
 
 
 def load_model_and_side(ref: str, backbone_weights: str | None = None):
-    """:func:`load_model`, and the side at which images are read for it (:func:`cifar_transfer.images.pixel_side`:
-    a checkpoint's training image size, as the app reads uploads for it)."""
+    """:func:`load_model`, and the side at which images are read for it: a checkpoint's training image size, as the
+    app reads uploads for it (:func:`cifar_transfer.images.pixel_side`), else the contract's resize side."""
     from .backbones import BACKBONES
     from .checkpoint import read_metrics
     from .hub import REPO_ID, resolve_checkpoint
@@ -389,10 +389,11 @@ def load_model_and_side(ref: str, backbone_weights: str | None = None):
 
     if Path(ref).is_dir() or (ref not in BACKBONES and REPO_ID.match(ref)):
         folder, model, note = resolve_checkpoint(ref)
-        return model, f"checkpoint {ref} ({note})", pixel_side(model.contract, read_metrics(folder))
+        side = pixel_side(model.contract, read_metrics(folder)) or resize_side(model.contract)
+        return model, f"checkpoint {ref} ({note})", side
     if ref in BACKBONES:
         model = CifarTransferModel.from_backbone(ref, weights_file=backbone_weights)
-        return model.eval(), f"{ref} ({BACKBONES[ref].description})", pixel_side(model.contract)
+        return model.eval(), f"{ref} ({BACKBONES[ref].description})", resize_side(model.contract)
     raise DoctorError(f"{ref!r} is neither a checkpoint folder nor a backbone name (known: {', '.join(BACKBONES)}), "
                       "nor a Hub repo id USER/NAME")
 

@@ -29,11 +29,12 @@ and the doctor -- goes through the same two steps::
   ``S`` to ``input_size`` (``crop_pct``, ``crop_mode``) and normalizes.
 
 ``S`` is :func:`pixel_side`: the side of the images the model was trained on
-(``image_size`` in its metrics' ``train_config``, 32 for CIFAR-10), else the
-contract's own resize side ``floor(input_size / crop_pct)``. Because the
+(``image_size`` in its metrics' ``train_config``, 32 for CIFAR-10). Because the
 dataset stores exactly ``read_square(file, S, contract)``, a file gives the
 same network input when it is a training or test image and when it is
-uploaded to the app.
+uploaded to the app. A model that records no training size (another project's
+timm classifier) gets the decoded picture itself, and the contract's transform
+does all the geometry, as timm's eval transform would (:func:`read_pixels`).
 """
 
 from __future__ import annotations
@@ -104,15 +105,29 @@ def _geometry(contract: NormalizationContract, side: int) -> ContractTransform:
     return contract.replace(input_size=side, crop_pct=1.0).transform()
 
 
-def pixel_side(contract: NormalizationContract, metrics: dict | None = None) -> int:
-    """``S``: the side of the square pixels a model's inputs are made from (see the module docstring).
-
-    The side of its training images when its metrics record it, else ``floor(input_size / crop_pct)``.
-    """
+def pixel_side(contract: NormalizationContract, metrics: dict | None = None) -> int | None:
+    """``S``: the side of the images the model was trained on, when its metrics record it; else ``None``."""
     side = ((metrics or {}).get("train_config") or {}).get("image_size")
-    if isinstance(side, int) and not isinstance(side, bool) and side > 0:
-        return side
+    return side if isinstance(side, int) and not isinstance(side, bool) and side > 0 else None
+
+
+def resize_side(contract: NormalizationContract) -> int:
+    """The side the contract's transform resizes to before its centre crop: ``floor(input_size / crop_pct)``."""
     return math.floor(contract.input_size / contract.crop_pct)
+
+
+def read_pixels(source: Any, contract: NormalizationContract, side: int | None = None,
+                notes: list[str] | None = None) -> torch.Tensor:
+    """``(3, H, W)`` uint8 RGB pixels that ``contract``'s transform turns into the network input.
+
+    With ``side`` (:func:`pixel_side`): :func:`read_square`, what the dataset stores for the same file. Without:
+    the decoded picture itself (reduced while its shorter side stays at least ``REDUCE_MARGIN`` times the
+    contract's :func:`resize_side`).
+    """
+    if side:
+        return read_square(source, side, contract, notes)
+    pixels = decode(source, notes, reduce_to=REDUCE_MARGIN * resize_side(contract))
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
 def decode(source: Any, notes: list[str] | None = None, *, reduce_to: int | None = None) -> np.ndarray:

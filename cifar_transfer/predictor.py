@@ -25,7 +25,7 @@ import torch
 
 from .contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, to_display, variant_contracts, variant_explanation, variant_title
 from .engine import make_engine
-from .images import (ALLOWED_FORMATS, MAX_FILE_BYTES, SUPPORTED, ImageInputError, decode, pixel_side, read_square,
+from .images import (ALLOWED_FORMATS, MAX_FILE_BYTES, SUPPORTED, ImageInputError, decode, pixel_side, read_pixels,
                      square_pixels, to_rgb)
 from .meter import (CalibrationError, MeterCalibration, MeterReading, batchnorm_layers, channel_swap, find_calibration,
                     first_layer_reading, gaussian_kl, layer_features)
@@ -114,6 +114,7 @@ class Predictor:
         self.contract = model.contract
         # The side of the square pixels an upload is brought to before the contract's transform: the training images'
         # (as the dataset stored them), so an upload reaches the network exactly as that file would in training.
+        # None (no recorded training size): the decoded picture, all geometry by the contract's transform.
         self.image_size = image_size or pixel_side(self.contract, metrics)
         self.class_names = list(model.class_names)
         self.contracts = variant_contracts(self.contract, list(WRONG_VARIANTS))
@@ -195,10 +196,11 @@ class Predictor:
     def read(self, image: Any, notes: list[str] | None = None) -> torch.Tensor:
         """``(3, S, S)`` uint8 RGB pixels of an upload (path, bytes, PIL image or array), ``S = self.image_size``.
 
-        :func:`cifar_transfer.images.read_square` under the model's contract: what the dataset stores for the same
-        file. Raises :class:`ImageInputError` with a plain message for anything that is not a readable image.
+        :func:`cifar_transfer.images.read_pixels` under the model's contract: what the dataset stores for the same
+        file (without a recorded training size: the decoded picture). Raises :class:`ImageInputError` with a plain
+        message for anything that is not a readable image.
         """
-        return read_square(image, self.image_size, self.contract, notes)
+        return read_pixels(image, self.contract, self.image_size, notes)
 
     def network_input(self, pixels: torch.Tensor, keys: list[str]) -> torch.Tensor:
         """The network's input for ``(3, H, W)`` uint8 pixels under each contract in ``keys``: each one's own transform."""

@@ -12,7 +12,7 @@ from PIL import Image
 from cifar_transfer import doctor
 from cifar_transfer.contract import CORRECT_KEY, MINUS_ONE_ONE
 from cifar_transfer.data import BatchLoader, _decode, load_dataset
-from cifar_transfer.images import decode, pixel_side, read_square, square_pixels
+from cifar_transfer.images import decode, pixel_side, read_pixels, read_square, resize_side, square_pixels
 
 
 def awkward_png() -> bytes:
@@ -106,10 +106,19 @@ def test_the_square_step_is_the_contracts_resize_policy():
     assert torch.equal(square_pixels(arr, 32, cropped), centre)
 
 
-def test_pixel_side_is_the_training_image_size_else_the_contracts_resize_side():
+def test_pixel_side_is_the_training_image_size_when_recorded():
     assert pixel_side(MINUS_ONE_ONE, {"train_config": {"image_size": 32}}) == 32
-    assert pixel_side(MINUS_ONE_ONE.replace(input_size=224)) == 224
-    assert pixel_side(MINUS_ONE_ONE.replace(input_size=224, crop_pct=0.875)) == 256
+    assert pixel_side(MINUS_ONE_ONE, {"train_config": {}}) is None and pixel_side(MINUS_ONE_ONE) is None
+    assert resize_side(MINUS_ONE_ONE.replace(input_size=224, crop_pct=0.875)) == 256
+
+
+def test_without_a_training_size_the_contract_transform_does_all_the_geometry():
+    """Another project's timm classifier: the decoded picture, then exactly the contract's transform (timm-like)."""
+    contract = MINUS_ONE_ONE.replace(input_size=24, crop_pct=0.875, interpolation="bicubic")
+    png = awkward_png()
+    pixels = read_pixels(png, contract)
+    assert pixels.shape == (3, 48, 30) and torch.equal(pixels, torch.from_numpy(decode(png)).permute(2, 0, 1))
+    assert torch.equal(read_pixels(png, contract, 32), read_square(png, 32, contract))
 
 
 def test_a_huge_picture_is_reduced_the_same_way_on_every_path(tmp_path, predictor):
