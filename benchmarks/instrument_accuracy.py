@@ -84,7 +84,7 @@ def collect(model, pixels: torch.Tensor, chunk: int = 25) -> dict:
             if twin:
                 out[k]["t"].append(f[n:])
             out[k]["m0"].append(probe.captured[0][0][0][:n].cpu()); out[k]["v0"].append(probe.captured[0][0][1][:n].cpu())
-        print(f"  {s + len(base)}/{len(pixels)} images", flush=True)
+        print(f"  {s + len(chunk_pixels)}/{len(pixels)} images", flush=True)
     return {k: {a: (torch.cat(b) if b else None) for a, b in v.items()} for k, v in out.items()}
 
 
