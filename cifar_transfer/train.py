@@ -509,12 +509,12 @@ class ImageBatches:
 
     features = False
 
-    def __init__(self, train: data_mod.Split, evaluation: data_mod.Split, eval_name: str, model: CifarTransferModel,
+    def __init__(self, train: data_mod.Split, evaluation: data_mod.Split, eval_name: str, preprocess: nn.Module,
                  device: torch.device, batch_size: int, seed: int, dist: Dist | None = None):
         dist = dist or Dist()
         self.loader = data_mod.BatchLoader(train, batch_size, shuffle=True, augment=True, seed=seed, rank=dist.rank,
                                            world_size=dist.world_size, drop_last=True)
-        self.evaluation, self.eval_name, self.model, self.device = evaluation, eval_name, model, device
+        self.evaluation, self.eval_name, self.preprocess, self.device = evaluation, eval_name, preprocess, device
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -522,7 +522,7 @@ class ImageBatches:
     def epoch(self, epoch: int):
         self.loader.set_epoch(epoch)
         for xb, yb in self.loader:
-            yield self.model.preprocess(xb.to(self.device, non_blocking=True)), yb.to(self.device, non_blocking=True)
+            yield self.preprocess(xb.to(self.device, non_blocking=True)), yb.to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def eval_accuracy(self, net: Network, batch_size: int, tta_flip: bool) -> float:
@@ -579,7 +579,7 @@ def make_batches(cfg: TrainConfig, data: TrainData, net: Network, dist: Dist, sa
     """This rank's batch source: cached features of a fixed shard (``--cache-features``), else images."""
     per_rank_batch = cfg.batch_size // dist.world_size
     if not cfg.cache_features:
-        batches = ImageBatches(data.dataset.train, data.eval_split, data.eval_name, net.model, net.device,
+        batches = ImageBatches(data.dataset.train, data.eval_split, data.eval_name, net.model.preprocess, net.device,
                                per_rank_batch, cfg.seed, dist)
     else:
         shard = data.dataset.train
