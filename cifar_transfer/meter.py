@@ -662,13 +662,13 @@ def calibrate(model: nn.Module, pixels: torch.Tensor, source: str = "", seed: in
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
-    import sys
 
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.meter",
                                 description="Calibrate the contract meter of a checkpoint on CIFAR-10 training images.")
     p.add_argument("checkpoint", help="checkpoint folder; the calibration is written there as " + CALIBRATION_FILE)
     p.add_argument("--data-dir", required=True, help="CIFAR-10 JPEG copy (its train/ class folders are read)")
-    p.add_argument("--per-class", type=int, default=50, help="training images per class")
+    p.add_argument("--per-class", type=int, default=250,
+                   help="training images per class (split in three: directions, standardization, thresholds)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", help="features file: read when present (refit only), else written")
@@ -680,7 +680,9 @@ def main(argv: list[str] | None = None) -> None:
     pixels, labels = _training_pixels(Path(args.data_dir), args.per_class, args.seed, with_labels=True)
     source = f"CIFAR-10 train split, {args.per_class} per class, seed {args.seed}"
     cal = calibrate(model, pixels, source=source, seed=args.seed, cache=args.cache, labels=labels)
-    cal.derivation["command"] = "python -m cifar_transfer.meter " + " ".join(argv if argv is not None else sys.argv[1:])
+    # what rebuilds this file (--cache only skips the forward passes of a previous run of the same command)
+    cal.derivation["command"] = (f"python -m cifar_transfer.meter {args.checkpoint} --data-dir {args.data_dir} "
+                                 f"--per-class {args.per_class} --seed {args.seed}")
     out = Path(args.checkpoint) / CALIBRATION_FILE
     cal.save(out)
     print(f"wrote {out}: thresholds {cal.thresholds}")
