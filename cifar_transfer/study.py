@@ -766,6 +766,26 @@ def summary_markdown(cells: list[dict]) -> str:
     return "\n\n".join(x for x in (head, table_markdown(cells), verdicts_markdown(cells)) if x)
 
 
+def readme_table(cells: list[dict]) -> str:
+    """The README's compact table: one row per preprocessing, one column group per regime (seed 0; seed 1 in
+    brackets where run), then served-wrong accuracy. ``tests/test_study.py`` checks the README carries it."""
+    by = index(cells)
+    regimes = [r for r in REGIMES if r in by]
+    head = ["preprocessing"] + [f"{r}: trained & tested" for r in regimes] + [f"{r}: served wrong" for r in regimes]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    variants = list(dict.fromkeys(v for r in regimes for v in by[r][min(by[r])]))
+    for v in variants:
+        row = [variant_title(v)]
+        for r in regimes:
+            accs = [_pct(by[r][s][v]["test"]["accuracy"]) for s in sorted(by[r]) if v in by[r][s]]
+            row.append(accs[0] + (f" ({', '.join(accs[1:])})" if accs[1:] else ""))
+        for r in regimes:
+            served = by[r][min(by[r])].get(CORRECT_KEY, {}).get("served_wrong", {}).get(v)
+            row.append("—" if v == CORRECT_KEY or not served else _pct(served["accuracy"]))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 # -- plots ------------------------------------------------------------------------------------------------
 
 
@@ -798,8 +818,10 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
         ax.set_yticks(range(len(vs)), vs)
         ax.invert_yaxis()
         ax.set_xlim(0, 100)
-        ax.set_xlabel("test accuracy, % (bar: trained & tested that way; |: trained right, served that way)")
+        ax.set_xlabel("test accuracy, %")
         ax.set_title(r)
+    fig.suptitle("bar: trained and tested with that preprocessing (whisker: 95% interval); "
+                 "|: trained right, served that way", fontsize=10)
     fig.tight_layout()
     written.append(_save(fig, out / "accuracy.png", atomic_write_bytes))
     plt.close(fig)

@@ -188,6 +188,11 @@ def test_shipped_study_is_complete_for_seed_0_and_renders():
     assert text.count("| Correct (the model's contract) |") == 3 and "| claim | regime |" in text
 
 
+def test_readme_carries_the_table_of_the_shipped_cells():
+    readme = (study.RESULTS_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    assert study.readme_table(study.read_cells(study.RESULTS_DIR)) in readme
+
+
 def test_app_tab_shows_the_study(tmp_path):
     gr = pytest.importorskip("gradio")
     with gr.Blocks() as demo:
