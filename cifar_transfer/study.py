@@ -678,6 +678,18 @@ def verdicts(cells: list[dict]) -> list[dict]:
             + f". Averaged over every BN layer: correct {_num(shift(correct, 'start', 'all_bn'))} → "
             f"{_num(shift(correct, 'end', 'all_bn'))}; " + "; ".join(
                 f"{k} {_num(shift(c, 'start', 'all_bn'))} → {_num(shift(c, 'end', 'all_bn'))}" for k, c in wrong.items()))
+        # unstable gradients
+        g0 = correct["grad_norm"]
+        unstable = [k for k, c in wrong.items() if c["grad_norm"]["nonfinite"] or (
+            g0["p90"] and c["grad_norm"]["p90"] is not None and c["grad_norm"]["p90"] > 1.5 * g0["p90"])
+            or c["grad_norm"]["spikes"] > 2 * g0["spikes"] + 2]
+        add("Gradients are unstable", f"less stable for {len(unstable)} of {len(wrong)} variants",
+            "gradient norm median / p90 / max / spikes above 10x the median / non-finite: correct "
+            f"{_num(g0['median'])} / {_num(g0['p90'])} / {_num(g0['max'])} / {g0['spikes']} / {g0['nonfinite']}; "
+            + "; ".join(f"{k} {_num(c['grad_norm']['median'])} / {_num(c['grad_norm']['p90'])} / "
+                        f"{_num(c['grad_norm']['max'])} / {c['grad_norm']['spikes']} / {c['grad_norm']['nonfinite']}"
+                        for k, c in wrong.items())
+            + " (less stable: p90 above 1.5x the correct run's, more than twice its spikes + 2, or any non-finite)")
         # slow convergence
         target = (correct["curve"]["test_subset_acc"] or [None])[-1]
         st_c = steps_to_target(correct, target)

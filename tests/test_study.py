@@ -135,11 +135,12 @@ def test_intervals():
 
 
 def _cell(regime, variant, seed, acc, first=(0.3, 0.3), feat=(5.0, 5.0), curve=(0.3, 0.5), served=None):
+    grads = {"median": 1.0, "p90": 2.0, "max": 5.0, "nonfinite": 0, "spikes": 0}
     div = {w: {"first_bn": first[i], "all_bn": 5.0, "feature_norm": feat[i]} for i, w in enumerate(("start", "end"))}
     c = {"format": study.FORMAT, "key": f"{regime}/{variant}/seed{seed}", "regime": regime, "variant": variant,
          "seed": seed, "steps": 100, "steps_done": 100, "diverged": False, "collapsed": False, "stopped_at": None,
          "test": {"accuracy": acc, "ci95": list(study.wilson(round(acc * 10_000), 10_000)), "n": 10_000},
-         "divergence": div, "curve": {"step": [50, 100], "test_subset_acc": list(curve)}}
+         "divergence": div, "curve": {"step": [50, 100], "test_subset_acc": list(curve)}, "grad_norm": grads}
     if served:
         c["served_wrong"] = {k: {"accuracy": a} for k, a in served.items()}
     return c
@@ -161,6 +162,15 @@ def test_verdicts_count_only_differences_beyond_noise():
     # a second seed whose correct cell sits 7 points higher: a 6-point drop is now within training noise
     cells += [_cell("partial", "correct", 1, 0.73), _cell("partial", "bgr", 1, 0.72)]
     assert _verdict(cells, "Accuracy drops silently (trained and served")["verdict"].startswith("a drop beyond noise for 0 of 2")
+
+
+def test_verdict_on_gradients():
+    cells = [_cell("full", "correct", 0, 0.5), _cell("full", "bgr", 0, 0.5), _cell("full", "raw_0_255", 0, 0.5)]
+    for c, p90, spikes in zip(cells, (1.0, 1.4, 1.0), (3, 4, 9)):
+        c["grad_norm"] = {"median": 0.5, "p90": p90, "max": 2.0, "nonfinite": 0, "spikes": spikes}
+    assert _verdict(cells, "Gradients")["verdict"] == "less stable for 1 of 2 variants"  # raw: 9 > 2 * 3 + 2 spikes
+    cells[1]["grad_norm"]["p90"] = 1.6
+    assert _verdict(cells, "Gradients")["verdict"] == "less stable for 2 of 2 variants"
 
 
 def test_verdict_on_convergence_and_scaling():
