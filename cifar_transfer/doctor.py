@@ -33,7 +33,17 @@ from .images import IMAGE_EXTENSIONS, ImageInputError, pixel_side, read_square, 
 from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
                     meter_features)
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _examples_dir() -> Path:
+    """The app's example images: installed, the package's copy (``cifar_transfer/examples``, shipped from the
+    repository's ``examples/`` by pyproject's package-data); in a checkout of the repository, ``examples/`` itself."""
+    here = Path(__file__).resolve().parent
+    installed = here / "examples"
+    return installed if installed.is_dir() else here.parent / "examples"
+
+
+EXAMPLES_DIR = _examples_dir()
 #: Fewer images than this: the doctor ranks but asks for more and never says "disagrees".
 MIN_IMAGES = 8
 #: Share of bootstrap resamples on which the winner must stay first for a confident answer.
@@ -363,7 +373,7 @@ def procedural_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tenso
 
 
 def builtin_images(size: int, contract: NormalizationContract | None = None) -> tuple[torch.Tensor, str]:
-    """The app's example images when present, else procedural ones."""
+    """The app's example images (:data:`EXAMPLES_DIR`) when present, else procedural ones."""
     if EXAMPLES_DIR.is_dir() and len([p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]) >= 2:
         return load_images(EXAMPLES_DIR, size, contract=contract), f"the built-in examples ({EXAMPLES_DIR})"
     return procedural_images(size=size), "16 procedurally generated images"
@@ -382,6 +392,12 @@ def load_model(ref: str, backbone_weights: str | None = None):
 def load_model_and_side(ref: str, backbone_weights: str | None = None):
     """:func:`load_model`, and the side at which images are read for it: a checkpoint's training image size, as the
     app reads uploads for it (:func:`cifar_transfer.images.pixel_side`), else the contract's resize side."""
+    model, name, side, _ = _load(ref, backbone_weights)
+    return model, name, side
+
+
+def _load(ref: str, backbone_weights: str | None = None):
+    """(model, name, side, checkpoint folder or None): :func:`load_model_and_side`, and where the checkpoint lies."""
     from .backbones import BACKBONES
     from .checkpoint import read_metrics
     from .hub import REPO_ID, resolve_checkpoint
@@ -390,12 +406,23 @@ def load_model_and_side(ref: str, backbone_weights: str | None = None):
     if Path(ref).is_dir() or (ref not in BACKBONES and REPO_ID.match(ref)):
         folder, model, note = resolve_checkpoint(ref)
         side = pixel_side(model.contract, read_metrics(folder)) or resize_side(model.contract)
-        return model, f"checkpoint {ref} ({note})", side
+        return model, f"checkpoint {ref} ({note})", side, folder
     if ref in BACKBONES:
         model = CifarTransferModel.from_backbone(ref, weights_file=backbone_weights)
-        return model.eval(), f"{ref} ({BACKBONES[ref].description})", resize_side(model.contract)
+        return model.eval(), f"{ref} ({BACKBONES[ref].description})", resize_side(model.contract), None
     raise DoctorError(f"{ref!r} is neither a checkpoint folder nor a backbone name (known: {', '.join(BACKBONES)}), "
                       "nor a Hub repo id USER/NAME")
+
+
+def checkpoint_calibration(model: nn.Module, folder: Path | None) -> MeterCalibration | None:
+    """The meter calibration in a checkpoint's own folder (where the app's Predictor reads it too), checked against
+    ``model``; None without one (:func:`diagnose` then looks for a shipped one that fits). An installed package has
+    no shipped checkpoints beside it, so this is how it finds the calibration of ``checkpoints/...`` or a Hub repo."""
+    from .meter import CALIBRATION_FILE
+
+    if folder is None or not (Path(folder) / CALIBRATION_FILE).is_file():
+        return None
+    return find_calibration(model, folder)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -418,13 +445,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_images < 2:
         raise SystemExit("error: --max-images must be at least 2")
     try:
-        model, name, size = load_model_and_side(args.model, args.backbone_weights)
+        model, name, size, folder = _load(args.model, args.backbone_weights)
         if args.images:
             pixels, source = load_images(args.images, size, args.max_images, model.contract), str(args.images)
         else:
             pixels, source = builtin_images(size, model.contract)
-        report = diagnose(model, pixels, name=name, images=source)
-    except (DoctorError, BackboneError, CheckpointError) as exc:
+        report = diagnose(model, pixels, name=name, images=source, calibration=checkpoint_calibration(model, folder))
+    except (DoctorError, BackboneError, CheckpointError, CalibrationError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
 

@@ -30,7 +30,10 @@ from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 
 FORMAT = "cifar_transfer.experiment/1"
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "experiment"
+# The shipped results in a checkout of the repository; installed (no pyproject.toml beside the package), the
+# folder `--output results/experiment` fills when run from the current directory (issue 10).
+_CHECKOUT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path()) / "results" / "experiment"
 RESULTS_NAME = "results.json"
 CURVES_NAME = "curves.png"
 ACCURACY_NAME = "accuracy.png"

@@ -40,7 +40,10 @@ from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 
 FORMAT = "cifar_transfer.study/1"
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "study"
+# The shipped results in a checkout of the repository; installed (no pyproject.toml beside the package), the
+# folder `--output results/study` fills when run from the current directory (issue 10).
+_CHECKOUT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path()) / "results" / "study"
 CELLS_NAME = "cells.jsonl"
 COMMAND = "python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg"
 CURVE_EVALS = 8  # test-subset evaluations per cell, evenly spaced over its steps
@@ -774,7 +777,8 @@ def summary_markdown(cells: list[dict]) -> str:
     where = env.get("device_name") or env.get("device") or "?"
     head = (f"{len(cells)} cells (regime × preprocessing × seed; seeds {', '.join(map(str, seeds))}), "
             f"{cells[0]['setup']['input_size']} px, {cells[0]['test']['n']} test images each, "
-            f"{wall / 60:.1f} min of training and scoring on {where}. Command: `{cells[0].get('command', COMMAND)}`.")
+            f"{wall / 60:.1f} min of training and scoring on {where}. Reproduce: `{COMMAND} --seeds "
+            f"{' '.join(map(str, seeds))}` (each cell records the exact command it ran under).")
     return "\n\n".join(x for x in (head, table_markdown(cells), verdicts_markdown(cells)) if x)
 
 
@@ -952,7 +956,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, str | None]:
     p = get_args_parser()
     args = vars(p.parse_args(argv))
-    mode = "summary" if args.pop("summary") else "estimate" if args.pop("estimate") else None
+    summary, estimate_only = args.pop("summary"), args.pop("estimate")  # both popped: neither is a StudyConfig field
+    mode = "summary" if summary else "estimate" if estimate_only else None
     if args["output"] is None:
         args["output"] = str(RESULTS_DIR) if mode == "summary" else str(
             Path("runs") / time.strftime("study-%Y%m%d-%H%M%S", time.gmtime()))
@@ -970,7 +975,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg, mode = config_from_args(argv)
     try:
         if mode == "summary":
-            print(summary_markdown(read_cells(cfg.output)))
+            cells = read_cells(cfg.output)
+            if not cells:
+                raise StudyError(f"no study results at {Path(cfg.output) / CELLS_NAME}; run `{COMMAND}` to produce them")
+            print(summary_markdown(cells))
             return
         if mode == "estimate":
             estimate(cfg)
