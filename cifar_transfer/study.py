@@ -774,7 +774,7 @@ def summary_markdown(cells: list[dict]) -> str:
     seeds = sorted({c["seed"] for c in cells})
     wall = sum(c["wall_seconds"] for c in cells)
     env = cells[0].get("environment", {})
-    where = env.get("device_name") or env.get("device") or "?"
+    where = env.get("gpu") or env.get("cpu") or env.get("device") or "?"
     head = (f"{len(cells)} cells (regime × preprocessing × seed; seeds {', '.join(map(str, seeds))}), "
             f"{cells[0]['setup']['input_size']} px, {cells[0]['test']['n']} test images each, "
             f"{wall / 60:.1f} min of training and scoring on {where}. Reproduce: `{COMMAND} --seeds "
