@@ -1,5 +1,6 @@
 """Load test: many concurrent gradio_client clients, and aborted uploads, against the app on 127.0.0.1.
 
+    python benchmarks/app_load.py [--clients 32] [--requests 10] [--engine onnxruntime pytorch]
     python benchmarks/app_load.py [--clients 32] [--requests 10] [--url http://127.0.0.1:7860/]
     python benchmarks/app_load.py --clients 4 --requests 10 --aborted 20 --aborted-mb 20 \\
         --partial-age-s 30 --sweep-s 10 --name aborted-janitor
@@ -10,6 +11,20 @@ the server for this process's GIL) with its own fresh, empty upload folder
 (``GRADIO_TEMP_DIR``, a temp dir removed at the end), and stopped at the end.
 Each client sends its requests one after another (examples in turn, default
 variants); all clients run at once.
+
+``--engine`` picks the inference engine of the app it starts (``auto``,
+``onnxruntime``, ``pytorch``; see ``cifar_transfer/engine.py``): app.py has no
+switch for it, so the app is started through a small launcher that passes
+``engine=`` to the ``Predictor`` app.py builds and prints the engine actually
+used (``auto`` and a failed ONNX export fall back to PyTorch), then runs app.py
+as ``__main__``. Several engines run back to back in one invocation, each
+against a fresh app, and each writes ``results/app_load/<name>-<engine>.json``.
+Without ``--engine`` the app starts as ``python app.py`` and the file is
+``<name>.json``.
+``--ort-no-spin`` (an experiment, with ``--engine``) has the launcher give the app's
+ONNX Runtime sessions ``session.intra_op.allow_spinning=0``; the file gets ``-nospin``.
+Before the timed load one client sends ``--warmup`` requests (default 3, not
+counted): the first requests import lazily loaded modules and start threads.
 
 ``--aborted N`` adds, at the same time, N clients that each start a multipart
 ``POST /gradio_api/upload`` declaring an ``--aborted-mb`` MB file, send
@@ -151,17 +166,64 @@ def snapshot(folder: Path | None, pid: int | None) -> dict:
     return {"upload_folder": folder_usage(folder), "server": process_memory(pid)}
 
 
-def start_app(env: dict[str, str], log_path: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+ENGINES = ("auto", "onnxruntime", "pytorch")
+
+# Runs app.py as __main__ with ``engine=`` passed to the Predictor it builds (app.py has no engine switch),
+# and prints the engine the predictor ended up with.
+LAUNCHER = r"""
+import os, runpy, sys
+engine, app_path = sys.argv[1], sys.argv[2]
+sys.argv = [app_path, *sys.argv[3:]]
+from cifar_transfer import predictor
+if os.environ.get("APP_LOAD_ORT_SPIN") == "0":  # experiment: ONNX Runtime's intra-op threads do not spin-wait
+    import onnxruntime as ort
+    session_init = ort.InferenceSession.__init__
+    def session(self, path, options=None, *args, **kwargs):
+        options = options or ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session_init(self, path, options, *args, **kwargs)
+    ort.InferenceSession.__init__ = session
+init = predictor.Predictor.__init__
+def __init__(self, *args, **kwargs):
+    kwargs.setdefault("engine", engine)
+    init(self, *args, **kwargs)
+    print(f"app_load: engine requested={engine} used={self.engine.name}", flush=True)
+predictor.Predictor.__init__ = __init__
+runpy.run_path(app_path, run_name="__main__")
+"""
+
+
+def app_command(port: int, engine: str | None = None) -> list[str]:
+    """``python app.py --host 127.0.0.1 --port PORT``, through :data:`LAUNCHER` when ``engine`` is given."""
+    tail = ["--host", "127.0.0.1", "--port", str(port)]
+    if engine is None:
+        return [sys.executable, str(ROOT / "app.py"), *tail]
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
+    return [sys.executable, "-c", LAUNCHER, engine, str(ROOT / "app.py"), *tail]
+
+
+def engine_used(log_path: Path) -> str | None:
+    """The engine the launched app's predictor runs on, from its log (``None``: not started through the launcher)."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        if line.startswith("app_load: engine requested="):
+            return line.rsplit("used=", 1)[1].strip()
+    return None
+
+
+def start_app(env: dict[str, str], log_path: Path, timeout: float = 300.0,
+              engine: str | None = None) -> tuple[subprocess.Popen, str]:
     """``python app.py`` on 127.0.0.1 and a free port; returns the process and its URL once it answers.
 
     The server's output goes to ``log_path`` (a pipe nobody reads would fill up and stall the server).
+    ``engine``: start it through :data:`LAUNCHER` with that inference engine.
     """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(app_command(port, engine), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                text=True)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,16 +259,16 @@ def janitor_env(args) -> dict[str, str]:
 
 def describe(label: str, snap: dict) -> str:
     folder, server = snap["upload_folder"], snap["server"]
-    words = [f"{label:>12}:"]
+    words = []
     if folder is not None:
         words.append(f"upload folder {folder['mib']:.1f} MiB in {folder['files']} files "
                      f"({folder['partial_files']} partial, {folder['partial_mib']:.1f} MiB)")
     if server:
         words.append(f"server RSS {server.get('rss_mib', float('nan')):.0f} MiB")
-    return "; ".join(words)
+    return f"{label:>12}: " + "; ".join(words)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, default=32, help="concurrent gradio_client clients (default 32; e.g. 64)")
     p.add_argument("--requests", type=int, default=10, help="requests per client (default 10)")
@@ -227,15 +289,55 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--url", help="a running app on 127.0.0.1 / localhost (default: start one here)")
     p.add_argument("--upload-dir", help="with --url: that app's upload folder, to measure it")
     p.add_argument("--pid", type=int, help="with --url: that app's process id, to read its RSS")
-    p.add_argument("--name", help="results/app_load/<name>.json (default: from the settings)")
-    p.add_argument("--json", help="also write the results here")
-    args = p.parse_args(argv)
+    p.add_argument("--name", help="results/app_load/<name>.json (default: from the settings, e.g. c32x10)")
+    p.add_argument("--engine", nargs="+", choices=ENGINES,
+                   help="inference engine(s) of the app it starts, run back to back (e.g. onnxruntime pytorch); "
+                        "each writes results/app_load/<name>-<engine>.json (default: app.py as is, <name>.json)")
+    p.add_argument("--warmup", type=int, default=3,
+                   help="requests one client sends before the timed load (not counted; default 3, 0: none)")
+    p.add_argument("--ort-no-spin", action="store_true",
+                   help="experiment: the app's ONNX Runtime sessions get session.intra_op.allow_spinning=0 "
+                        "(set by the launcher, app code unchanged; needs --engine)")
+    p.add_argument("--json", help="also write the results here (several engines: a list)")
+    return p
 
+
+def main(argv: list[str] | None = None) -> dict | list[dict]:
+    args = get_parser().parse_args(argv)
+    if args.engine and args.url:
+        raise SystemExit("error: --engine starts the app itself; it does not go with --url")
+    if args.ort_no_spin and not args.engine:
+        raise SystemExit("error: --ort-no-spin needs --engine (it is set by the launcher)")
+    results = [run(args, engine) for engine in (args.engine or [None])]
+    if len(results) > 1:
+        print(f"{'engine':<12} {'requests/s':>10} {'p50 s':>7} {'p95 s':>7} {'errors':>7}  load average before/after")
+        for r in results:
+            lat = r["latency_s"] or {}
+            print(f"{r['engine']['used'] or '?':<12} {r['throughput_rps'] or 0:>10.2f} {lat.get('p50', float('nan')):>7.2f} "
+                  f"{lat.get('p95', float('nan')):>7.2f} {r['errors']:>7}  {r['loadavg_1m']['before']:.2f} / "
+                  f"{r['loadavg_1m']['after_load']:.2f}")
+    if args.json:
+        write_json_atomic(Path(args.json), results[0] if len(results) == 1 else results)
+    if any(r["errors"] for r in results):
+        raise SystemExit(1)
+    return results[0] if len(results) == 1 else results
+
+
+def run(args, engine: str | None = None, on_load_start=None, on_load_end=None,
+        out_dir: Path | None = ROOT / "results" / "app_load") -> dict:
+    """One load run against a fresh app (``engine``: through the launcher) or ``args.url``; writes its JSON.
+
+    ``on_load_start(pid)`` / ``on_load_end(pid)``, when given, are called right before the clients start and
+    right after they finish (the profiler's hooks, ``benchmarks/app_profile.py``). ``out_dir`` ``None``: write
+    no file.
+    """
     from cifar_transfer import uploads
 
     images = sorted((ROOT / "examples").glob("*.png"))
     name = args.name or f"c{args.clients}x{args.requests}" + (f"-aborted{args.aborted}x{args.aborted_mb:g}mb"
                                                                 if args.aborted else "")
+    if engine is not None:
+        name = f"{name}-{engine}" + ("-nospin" if args.ort_no_spin else "")
     partial_age = args.partial_age_s if args.partial_age_s is not None else uploads.PARTIAL_AGE_S
     sweep = args.sweep_s if args.sweep_s is not None else uploads.SWEEP_EVERY_S
     wait = args.wait_s if args.wait_s is not None else (partial_age + sweep + 5 if args.aborted else 0.0)
@@ -253,12 +355,24 @@ def main(argv: list[str] | None = None) -> dict:
         folder = tmp_root / "gradio"
         folder.mkdir()
         env = {**os.environ, "GRADIO_TEMP_DIR": str(folder), "GRADIO_ANALYTICS_ENABLED": "False", **janitor_env(args)}
-        proc, url = start_app(env, tmp_root / "server.log")
+        if args.ort_no_spin:
+            env["APP_LOAD_ORT_SPIN"] = "0"
+        print(f"starting the app (engine: {engine or 'as app.py picks'}) ...", flush=True)
+        proc, url = start_app(env, tmp_root / "server.log", engine=engine)
         pid = proc.pid
+    used = engine_used(tmp_root / "server.log") if tmp_root is not None and engine is not None else None
+    if engine is not None:
+        print(f"engine: requested {engine}, used {used}", flush=True)
     try:
-        load_before = os.getloadavg()[0]
+        load_before = os.getloadavg()
         before = snapshot(folder, pid)
         print(describe("before", before))
+        if args.warmup:  # the first requests import lazily loaded modules and start the worker threads
+            warm = run_client(url, images, args.warmup, 0, args.client_timeout)
+            if warm[1]:
+                print("warm-up errors:", warm[1][:3])
+        if on_load_start is not None:
+            on_load_start(pid)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.clients + args.aborted) as pool:
             futures = [pool.submit(run_client, url, images, args.requests, c, args.client_timeout) for c in range(args.clients)]
@@ -266,9 +380,11 @@ def main(argv: list[str] | None = None) -> dict:
                                for i in range(args.aborted)]
             outcomes = [f.result() for f in futures]
             load_wall = time.perf_counter() - t0
+            if on_load_end is not None:
+                on_load_end(pid)
             aborted = [f.result() for f in aborted_futures]
         wall = time.perf_counter() - t0
-        load_after = os.getloadavg()[0]
+        load_after = os.getloadavg()
         time.sleep(1.0)  # let the server notice the resets and close its files
         after_load = snapshot(folder, pid)
         print(describe("after load", after_load))
@@ -294,7 +410,9 @@ def main(argv: list[str] | None = None) -> dict:
     errors = [e for _, errs in outcomes for e in errs]
     total = args.clients * args.requests
     result = {
-        "name": name, "clients": args.clients, "requests_per_client": args.requests, "requests": total,
+        "name": name, "engine": {"requested": engine, "used": used},
+        "ort_allow_spinning": "0" if args.ort_no_spin else "default",
+        "clients": args.clients, "requests_per_client": args.requests, "requests": total, "warmup_requests": args.warmup,
         "client_timeout_s": args.client_timeout or 20,
         "errors": len(errors), "wall_s": round(wall, 2), "load_wall_s": round(load_wall, 2),
         "throughput_rps": len(latencies) / load_wall if load_wall else None,
@@ -302,7 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
         "error_kinds": dict(Counter(e.split(":")[0] for e in errors)), "first_errors": errors[:5],
         # 1-minute load average of the machine before and right after the load (2 cores: above ~2 + the
         # benchmark's own share means other work competed for the CPU and the speed numbers are pessimistic)
-        "loadavg_1m": {"before": round(load_before, 2), "after_load": round(load_after, 2)}, "cpus": os.cpu_count(),
+        "loadavg_1m": {"before": round(load_before[0], 2), "after_load": round(load_after[0], 2)},
+        "loadavg_1_5_15": {"before": [round(x, 2) for x in load_before], "after_load": [round(x, 2) for x in load_after]},
+        "cpus": os.cpu_count(),
         "aborted": {"uploads": args.aborted, "declared_mb": args.aborted_mb, "sent_fraction": args.aborted_sent,
                     "sent_mib": round(sum(a["sent_bytes"] for a in aborted) / MIB, 2),
                     "client_errors": [a["error"] for a in aborted if a["error"]][:5]},
@@ -315,7 +435,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"{args.clients} clients x {args.requests} requests = {total}: {len(errors)} errors, "
           f"{load_wall:.1f} s, {result['throughput_rps']:.1f} requests/s "
-          f"(load average {load_before:.1f} before, {load_after:.1f} after, {os.cpu_count()} CPUs)"
+          f"(load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} CPUs)"
           + (f"; {args.aborted} aborted uploads of {args.aborted_mb:g} MB ({result['aborted']['sent_mib']:.0f} MiB sent)"
              if args.aborted else ""))
     if latencies:
@@ -325,13 +445,10 @@ def main(argv: list[str] | None = None) -> dict:
     for e in errors[:5]:
         print("error:", e)
     print(json.dumps(result, indent=2))
-    out = ROOT / "results" / "app_load" / f"{name}.json"
-    write_json_atomic(out, result)
-    print(f"wrote {out.relative_to(ROOT)}")
-    if args.json:
-        write_json_atomic(Path(args.json), result)
-    if errors:
-        raise SystemExit(1)
+    if out_dir is not None:
+        out = Path(out_dir) / f"{name}.json"
+        write_json_atomic(out, result)
+        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
     return result
 
 
