@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     from .data import DataError, load_dataset
     from .checkpoint import METRICS_NAME, PRETRAINED_CFG_SOURCE, CheckpointError, atomic_write_json, read_metrics
     from .hub import resolve_checkpoint
+    from .images import pixel_side
     from .runtime import pick_device
 
     args = get_args_parser().parse_args(argv)
@@ -131,10 +132,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.max_test_per_class is None and per_class:
             print(f"scoring the first {per_class} test images per class, as the checkpoint was evaluated "
                   "(--max-test-per-class 0 scores all)")
-        ds = load_dataset(args.data_dir, classes=classes, max_per_class=1, max_test_per_class=per_class)
+        # Folder images stored as the checkpoint was trained on them (and as the app reads uploads for it): squared at
+        # its recorded training image size by its contract's resize policy; no recorded size: the dataset's default.
+        side = pixel_side(model.contract, metrics)
+        pipeline = {"contract": model.contract, **({"image_size": side} if side else {})}
+        ds = load_dataset(args.data_dir, classes=classes, max_per_class=1, max_test_per_class=per_class, **pipeline)
         foreign = model.contract_source == PRETRAINED_CFG_SOURCE  # another project's timm classifier
         if foreign and ds.classes != model.class_names and not args.classes and set(model.class_names) <= set(ds.classes):
-            ds = load_dataset(args.data_dir, classes=model.class_names, max_per_class=1, max_test_per_class=per_class)
+            ds = load_dataset(args.data_dir, classes=model.class_names, max_per_class=1, max_test_per_class=per_class,
+                              **pipeline)
     except (CheckpointError, DataError) as exc:
         raise SystemExit(f"error: {exc}") from None
     if ds.classes != model.class_names and foreign:

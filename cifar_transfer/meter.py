@@ -610,11 +610,17 @@ def fit_calibration(model: nn.Module, features: dict[str, torch.Tensor], twin_co
     return cal
 
 
-def _training_pixels(data_dir: Path, per_class: int, seed: int, with_labels: bool = False):
-    """``per_class`` seeded training images of each class, as ``(N, 3, H, W)`` uint8 (and their class indices)."""
+def _training_pixels(data_dir: Path, per_class: int, seed: int, with_labels: bool = False, *, side: int = 32,
+                     contract=None):
+    """``per_class`` seeded training images of each class, as ``(N, 3, side, side)`` uint8 (and their class indices).
+
+    Read by the one image pipeline (:func:`cifar_transfer.images.read_square` at ``side``, ``contract``'s resize
+    policy; default: the dataset's 32 px and centre crop): the pixels the dataset stores for these files, so a
+    32 x 32 CIFAR-10 image is kept exactly as decoded.
+    """
     import random
 
-    from PIL import Image
+    from .images import ImageInputError, read_square
 
     root = Path(data_dir) / "train"
     if not root.is_dir():
@@ -628,8 +634,10 @@ def _training_pixels(data_dir: Path, per_class: int, seed: int, with_labels: boo
         labels += [i] * len(chosen)
     arrays = []
     for p in paths:
-        with Image.open(p) as im:
-            arrays.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1))
+        try:
+            arrays.append(read_square(p, side, contract))
+        except ImageInputError as exc:
+            raise SystemExit(f"error: cannot read training image {p}: {exc}") from None
     return (torch.stack(arrays), torch.tensor(labels)) if with_labels else torch.stack(arrays)
 
 

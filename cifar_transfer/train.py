@@ -415,8 +415,10 @@ class TrainData:
 
 def prepare_data(cfg: TrainConfig, say=print) -> TrainData:
     """The dataset as ``cfg`` selects it, a validation split held out with ``--val-fraction``."""
+    # contract: the backbone's, whose resize policy squares other-size folder images as the app does for the model
     ds = data_mod.load_dataset(cfg.data_dir, image_size=cfg.image_size, download=cfg.download, classes=cfg.classes,
-                               max_per_class=cfg.max_per_class, max_test_per_class=cfg.max_test_per_class)
+                               max_per_class=cfg.max_per_class, max_test_per_class=cfg.max_test_per_class,
+                               contract=get_backbone(cfg.backbone).contract)
     ds = data_mod.split_validation(ds, cfg.val_fraction, seed=cfg.seed)
     eval_split, eval_name = (ds.val, "val") if ds.val is not None else (ds.test, "test")
     say(f"data: {ds.name} from {ds.source}: {len(ds.train)} train, {len(eval_split)} {eval_name}, {len(ds.classes)} classes")
