@@ -334,7 +334,10 @@ def load_data(cfg: ExperimentConfig):
 
     if not 0 < cfg.val_per_class < cfg.max_per_class:
         raise ExperimentError(f"--val-per-class ({cfg.val_per_class}) must be positive and below --max-per-class ({cfg.max_per_class})")
-    ds = data_mod.load_dataset(cfg.data_dir, download=cfg.download, max_per_class=cfg.max_per_class, max_test_per_class=1)
+    from .backbones import get_backbone
+
+    ds = data_mod.load_dataset(cfg.data_dir, download=cfg.download, contract=get_backbone(cfg.backbone).contract,
+                               max_per_class=cfg.max_per_class, max_test_per_class=1)
     return data_mod.split_validation(ds, cfg.val_per_class / cfg.max_per_class, seed=cfg.seed)
 
 

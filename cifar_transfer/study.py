@@ -483,7 +483,10 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     log(f"study: {len(done)} cells done, {len(todo)} to run, on {device} -> {out / CELLS_NAME}")
     if not todo:
         return list(done.values())
-    ds = data_mod.load_dataset(cfg.data_dir, download=cfg.download, max_per_class=cfg.max_per_class,
+    from .backbones import get_backbone
+
+    ds = data_mod.load_dataset(cfg.data_dir, download=cfg.download, contract=get_backbone(cfg.backbone).contract,
+                               max_per_class=cfg.max_per_class,
                                max_test_per_class=cfg.max_test_per_class)
     log(f"data: {ds.name}: {len(ds.train)} training, {len(ds.test)} test images")
     torch.manual_seed(0)

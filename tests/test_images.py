@@ -57,7 +57,7 @@ def test_dataset_and_app_give_the_same_network_input(folder_dataset, predictor):
     assert predictor.image_size == 32  # the shipped checkpoint was trained on 32x32 images
     app_input = predictor.network_input(predictor.read(str(path)), [CORRECT_KEY])
     assert app_input.shape == (1, 3, predictor.contract.input_size, predictor.contract.input_size)
-    for contract in (None, predictor.contract):  # train.py and evaluate.py pass none: the default policy is the same
+    for contract in (None, predictor.contract):  # without a contract the default policy is the same (centre, bilinear)
         ds = load_dataset(folder_dataset, image_size=predictor.image_size, contract=contract)
         images, labels = next(iter(BatchLoader(ds.test, batch_size=len(ds.test), augment=False)))
         dataset_input = predictor.model.contract.transform()(images[labels == 0])
