@@ -28,7 +28,8 @@ call does not: each panel's picture written as PNG into Gradio's cache
 (``processing_utils.save_img_array_to_cache``, PIL's default compression), for the default four
 panels, against PIL's fastest PNG compression.
 
-Writes ``results/app_profile/<name>-<engine>.json`` (and the raw py-spy stacks beside it, ``.txt``).
+Writes ``results/app_profile/<name>-<engine>.json`` (and the raw py-spy stacks beside it, ``.txt``;
+the committed ones are gzipped, ``.txt.gz``, which ``--resplit`` reads too).
 The clients' own CPU (gradio_client, 32 threads in this process) is not the server's and is not
 counted; it competes with the server for the same cores, so requests/s here are below a run
 without the profiler: take throughput from ``benchmarks/app_load.py``.
@@ -37,6 +38,7 @@ without the profiler: take throughput from ``benchmarks/app_load.py``.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -221,7 +223,9 @@ def resplit(json_path: Path) -> dict:
     saved = json.loads(json_path.read_text())
     cpu = {t["tid"]: (t["cpu_s"], t["name"]) for t in saved["threads"]}
     ok = saved["requests"] - saved["errors"]
-    out = {**saved, **split(parse_raw(json_path.with_suffix(".txt").read_text()), cpu, ok, saved["window_s"])}
+    raw = json_path.with_suffix(".txt")
+    text = raw.read_text() if raw.is_file() else gzip.decompress(raw.with_suffix(".txt.gz").read_bytes()).decode()
+    out = {**saved, **split(parse_raw(text), cpu, ok, saved["window_s"])}
     app_load.write_json_atomic(json_path, out)
     return out
 
