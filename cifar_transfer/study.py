@@ -776,8 +776,12 @@ def summary_markdown(cells: list[dict]) -> str:
         return f"No study results yet: run `{COMMAND}`."
     seeds = sorted({c["seed"] for c in cells})
     wall = sum(c["wall_seconds"] for c in cells)
-    env = cells[0].get("environment", {})
-    where = env.get("gpu") or env.get("cpu") or env.get("device") or "?"
+    places = {}
+    for c in cells:
+        env = c.get("environment", {})
+        name = env.get("gpu") or (f"{env['cpu']} ({env.get('cpu_count', '?')} cores)" if env.get("cpu") else "?")
+        places[name] = places.get(name, 0) + 1
+    where = " and ".join(f"{name} ({n} cells)" if len(places) > 1 else name for name, n in places.items())
     head = (f"{len(cells)} cells (regime × preprocessing × seed; seeds {', '.join(map(str, seeds))}), "
             f"{cells[0]['setup']['input_size']} px, {cells[0]['test']['n']} test images each, "
             f"{wall / 60:.1f} min of training and scoring on {where}. Reproduce: `{COMMAND} --seeds "
