@@ -408,8 +408,6 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
-
     runs, serve = results["runs"], results["serve_mismatch"]
     steps = results["config"]["steps"]
     window = max(1, steps // 20)
@@ -438,7 +436,7 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     fig.suptitle(f"{cfg['backbone']} fine-tuned on {cfg['train_size']} images at {cfg['input_size']} px, "
                  f"{steps} steps of {cfg['batch_size']}, seed {cfg['seed']}", fontsize=11)
     fig.tight_layout()
-    paths = [_save(fig, out / CURVES_NAME, atomic_write_bytes)]
+    paths = [save_png(fig, out / CURVES_NAME)]
     plt.close(fig)
 
     keys = [k for k in runs if k != CORRECT_KEY]
@@ -458,17 +456,20 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title("Wrong normalization: consistent in training and serving vs. a train/serve mismatch", fontsize=11)
     fig.tight_layout()
-    paths.append(_save(fig, out / ACCURACY_NAME, atomic_write_bytes))
+    paths.append(save_png(fig, out / ACCURACY_NAME))
     plt.close(fig)
     return paths
 
 
-def _save(fig, path: Path, write) -> Path:
+def save_png(fig, path: Path) -> Path:
+    """Write a matplotlib figure as a PNG (90 dpi), atomically; the plots of the experiment and the study."""
     import io
+
+    from .checkpoint import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
-    write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -820,7 +820,7 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write_bytes
+    from .experiment import save_png
 
     by = index(cells)
     regimes = list(by)
@@ -846,7 +846,7 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
     fig.suptitle("bar: trained and tested with that preprocessing (whisker: 95% interval); "
                  "|: trained right, served that way", fontsize=10)
     fig.tight_layout()
-    written.append(_save(fig, out / "accuracy.png", atomic_write_bytes))
+    written.append(save_png(fig, out / "accuracy.png"))
     plt.close(fig)
     fig, axes = plt.subplots(2, len(regimes), figsize=(5 * len(regimes), 7), squeeze=False)
     for j, r in enumerate(regimes):
@@ -863,18 +863,9 @@ def write_plots(cells: list[dict], out: Path) -> list[Path]:
         axes[1][j].set_yscale("log")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    written.append(_save(fig, out / "curves.png", atomic_write_bytes))
+    written.append(save_png(fig, out / "curves.png"))
     plt.close(fig)
     return written
-
-
-def _save(fig, path: Path, write) -> Path:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    write(path, buf.getvalue())
-    return path
 
 
 # -- the app tab ------------------------------------------------------------------------------------------
