@@ -21,8 +21,9 @@ as ``__main__``. Several engines run back to back in one invocation, each
 against a fresh app, and each writes ``results/app_load/<name>-<engine>.json``.
 Without ``--engine`` the app starts as ``python app.py`` and the file is
 ``<name>.json``.
-``--ort-no-spin`` (an experiment, with ``--engine``) has the launcher give the app's
-ONNX Runtime sessions ``session.intra_op.allow_spinning=0``; the file gets ``-nospin``.
+``--ort-spin`` starts the app with ``CIFAR_TRANSFER_ORT_SPIN=1``: ONNX Runtime's intra-op threads spin-wait
+for work, as they did by default before issue 14 turned it off (``cifar_transfer/engine.py``); the file gets
+``-spin``.
 Before the timed load one client sends ``--warmup`` requests (default 3, not
 counted): the first requests import lazily loaded modules and start threads.
 
@@ -175,14 +176,6 @@ import os, runpy, sys
 engine, app_path = sys.argv[1], sys.argv[2]
 sys.argv = [app_path, *sys.argv[3:]]
 from cifar_transfer import predictor
-if os.environ.get("APP_LOAD_ORT_SPIN") == "0":  # experiment: ONNX Runtime's intra-op threads do not spin-wait
-    import onnxruntime as ort
-    session_init = ort.InferenceSession.__init__
-    def session(self, path, options=None, *args, **kwargs):
-        options = options or ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session_init(self, path, options, *args, **kwargs)
-    ort.InferenceSession.__init__ = session
 init = predictor.Predictor.__init__
 def __init__(self, *args, **kwargs):
     kwargs.setdefault("engine", engine)
@@ -295,9 +288,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "each writes results/app_load/<name>-<engine>.json (default: app.py as is, <name>.json)")
     p.add_argument("--warmup", type=int, default=3,
                    help="requests one client sends before the timed load (not counted; default 3, 0: none)")
-    p.add_argument("--ort-no-spin", action="store_true",
-                   help="experiment: the app's ONNX Runtime sessions get session.intra_op.allow_spinning=0 "
-                        "(set by the launcher, app code unchanged; needs --engine)")
+    p.add_argument("--ort-spin", action="store_true",
+                   help="start the app with CIFAR_TRANSFER_ORT_SPIN=1: ONNX Runtime's threads spin-wait for work "
+                        "(off by default since issue 14; cifar_transfer/engine.py)")
     p.add_argument("--json", help="also write the results here (several engines: a list)")
     return p
 
@@ -306,8 +299,8 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
     args = get_parser().parse_args(argv)
     if args.engine and args.url:
         raise SystemExit("error: --engine starts the app itself; it does not go with --url")
-    if args.ort_no_spin and not args.engine:
-        raise SystemExit("error: --ort-no-spin needs --engine (it is set by the launcher)")
+    if args.ort_spin and args.url:
+        raise SystemExit("error: --ort-spin sets the environment of the app it starts; it does not go with --url")
     results = [run(args, engine) for engine in (args.engine or [None])]
     if len(results) > 1:
         print(f"{'engine':<12} {'requests/s':>10} {'p50 s':>7} {'p95 s':>7} {'errors':>7}  load average before/after")
@@ -337,7 +330,7 @@ def run(args, engine: str | None = None, on_load_start=None, on_load_end=None,
     name = args.name or f"c{args.clients}x{args.requests}" + (f"-aborted{args.aborted}x{args.aborted_mb:g}mb"
                                                                 if args.aborted else "")
     if engine is not None:
-        name = f"{name}-{engine}" + ("-nospin" if args.ort_no_spin else "")
+        name = f"{name}-{engine}" + ("-spin" if args.ort_spin else "")
     partial_age = args.partial_age_s if args.partial_age_s is not None else uploads.PARTIAL_AGE_S
     sweep = args.sweep_s if args.sweep_s is not None else uploads.SWEEP_EVERY_S
     wait = args.wait_s if args.wait_s is not None else (partial_age + sweep + 5 if args.aborted else 0.0)
@@ -355,8 +348,8 @@ def run(args, engine: str | None = None, on_load_start=None, on_load_end=None,
         folder = tmp_root / "gradio"
         folder.mkdir()
         env = {**os.environ, "GRADIO_TEMP_DIR": str(folder), "GRADIO_ANALYTICS_ENABLED": "False", **janitor_env(args)}
-        if args.ort_no_spin:
-            env["APP_LOAD_ORT_SPIN"] = "0"
+        if args.ort_spin:
+            env["CIFAR_TRANSFER_ORT_SPIN"] = "1"
         print(f"starting the app (engine: {engine or 'as app.py picks'}) ...", flush=True)
         proc, url = start_app(env, tmp_root / "server.log", engine=engine)
         pid = proc.pid
@@ -411,7 +404,7 @@ def run(args, engine: str | None = None, on_load_start=None, on_load_end=None,
     total = args.clients * args.requests
     result = {
         "name": name, "engine": {"requested": engine, "used": used},
-        "ort_allow_spinning": "0" if args.ort_no_spin else "default",
+        "ort_allow_spinning": "1" if args.ort_spin else os.environ.get("CIFAR_TRANSFER_ORT_SPIN", "0"),
         "clients": args.clients, "requests_per_client": args.requests, "requests": total, "warmup_requests": args.warmup,
         "client_timeout_s": args.client_timeout or 20,
         "errors": len(errors), "wall_s": round(wall, 2), "load_wall_s": round(load_wall, 2),

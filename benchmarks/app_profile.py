@@ -18,7 +18,7 @@ pass (``cifar_transfer/engine.py``), image decoding (``cifar_transfer/images.py`
 transforms, meter, display pictures), and the rest: Gradio's queue, HTTP server, event loop.
 Threads without Python frames (ONNX Runtime's or PyTorch's worker threads) are their own row:
 they only run inside the forward pass (PyTorch's also inside the predictor's tensor work), and
-ONNX Runtime's spin-wait for work by default, so their CPU includes that spinning. Samples whose
+ONNX Runtime's spin-wait for work only with ``--ort-spin`` (off by default since issue 14), and then their CPU includes that spinning. Samples whose
 innermost frame waits (the event loop's epoll, ``Condition.wait``, ...; see ``WAITING``) are
 dropped first. The rest row names Gradio's larger parts (``GRADIO_PARTS``).
 ``--resplit results/app_profile/X.json`` recomputes a saved profile's split from its ``.txt``.
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
     p.add_argument("--name", default=None, help="results/app_profile/<name>-<engine>.json (default c<clients>x<requests>)")
     p.add_argument("--png-runs", type=int, default=30, help="timed runs of the in-process PNG measurement (0: skip)")
-    p.add_argument("--ort-no-spin", action="store_true", help="as benchmarks/app_load.py --ort-no-spin (an experiment)")
+    p.add_argument("--ort-spin", action="store_true", help="as benchmarks/app_load.py --ort-spin (spinning back on)")
     p.add_argument("--resplit", nargs="+", metavar="JSON",
                    help="only recompute the split of saved profiles (results/app_profile/*.json with their .txt)")
     args = p.parse_args(argv)
@@ -319,8 +319,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     outs = []
     for engine in args.engine:
         load_args = app_load.get_parser().parse_args(["--clients", str(args.clients), "--requests", str(args.requests)]
-                                                     + (["--ort-no-spin"] if args.ort_no_spin else []))
-        stem = f"{name}-{engine}" + ("-nospin" if args.ort_no_spin else "")
+                                                     + (["--ort-spin"] if args.ort_spin else []))
+        stem = f"{name}-{engine}" + ("-spin" if args.ort_spin else "")
         prof = Profiler(out_dir / f"{stem}.txt", args.rate, pyspy)
         load = app_load.run(load_args, engine, on_load_start=prof.start, on_load_end=prof.stop, out_dir=None)
         parts = prof.split(load["requests"] - load["errors"])

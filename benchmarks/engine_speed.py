@@ -5,7 +5,10 @@
 Cases (the shipped checkpoint's input size, normalized random input; the meter's statistics are
 extra outputs of the ONNX graph, and PyTorch computes them with the same hooks):
 
-* whole network + meter statistics, batch 1 (one panel), 7 (every panel) and 64 (evaluation);
+* whole network + meter statistics, batch 1 (one panel), 7 (every panel), 12 (what the app runs for every
+  panel: 7 inputs + their 7 channel-swapped twins, less the 2 that repeat under the [-1, 1] contract) and 64;
+* the whole network alone (no statistics), batch 1, 7 and 12: what the meter's statistics add, and the floor
+  under any all-panel answer on this machine;
 * the frozen stem + 4 stages the recipe caches (``--freeze-stages 5``), batch 64, in images/s.
 
 Reports p50/p95 per call and the ratio. The load average is printed with the numbers: another job on
@@ -59,10 +62,13 @@ def main(argv=None) -> dict:
     layers = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     engines = {"pytorch": TorchEngine(model, layers), "onnxruntime": OnnxEngine(model, layers, size, threads=args.threads)}
     results = {"load_average_before": os.getloadavg(), "threads": args.threads, "input_size": size, "cases": []}
-    for batch in (1, 7, 64):
+    bare = {"pytorch": TorchEngine(model, []), "onnxruntime": OnnxEngine(model, [], size, threads=args.threads)}
+    cases = [("whole network + meter statistics", engines, b) for b in (1, 7, 12, 64)]
+    cases += [("whole network alone", bare, b) for b in (1, 7, 12)]
+    for what, by_name, batch in cases:
         x = torch.randn(batch, 3, size, size)
-        row = {"case": f"whole network + meter statistics, batch {batch}"}
-        for name, engine in engines.items():
+        row = {"case": f"{what}, batch {batch}"}
+        for name, engine in by_name.items():
             row[name] = timed(lambda: engine(x), args.runs if batch < 64 else max(5, args.runs // 5))
         row["ratio"] = row["pytorch"]["p50"] / row["onnxruntime"]["p50"]
         results["cases"].append(row)

@@ -29,6 +29,11 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+# ONNX Runtime's intra-op threads spin-wait for work by default. On 2 shared cores a spinning thread takes the
+# time the server's other threads (Gradio, the next request's decoding) need: under the app's load test, spinning
+# off halved the server's CPU per request (README, "Where a request's server CPU goes"). CIFAR_TRANSFER_ORT_SPIN=1
+# turns it back on.
+SPIN_ENV = "CIFAR_TRANSFER_ORT_SPIN"
 PARITY_ATOL = 1e-3  # logits; ONNX Runtime and PyTorch differ by ~3e-6 on the shipped checkpoint
 OPSET = 17
 _warned: set[str] = set()
@@ -101,10 +106,9 @@ class OnnxEngine:
     name = "onnxruntime"
 
     def __init__(self, model: nn.Module, layers: list[str], input_size: int, threads: int | None = None,
-                 folder: Path | None = None):
-        import onnxruntime as ort
-
+                 folder: Path | None = None, spin: bool | None = None):
         self.model, self.layers, self.input_size = model.eval(), list(layers), int(input_size)
+        self.spin = os.environ.get(SPIN_ENV, "0") == "1" if spin is None else bool(spin)
         self.path = Path(folder or cache_dir()) / f"{self.key()}.onnx"
         self.threads = threads or torch.get_num_threads()
         self.rebuilt = False
@@ -125,6 +129,7 @@ class OnnxEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self._check_parity()
         self._lock = threading.Lock()

@@ -66,6 +66,28 @@ def load_image(source: Any, work_size: int = 384, notes: list[str] | None = None
 # -- predicting -------------------------------------------------------------------------
 
 
+def distinct_rows(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(unique, inverse)`` with ``unique[inverse]`` equal to ``batch``, every exactly repeated row kept once.
+
+    Rows are matched by two cheap sums, then confirmed element by element: a row is only ever replaced by an
+    identical one, so the network's outputs for it are the same values.
+    """
+    flat = batch.flatten(1)
+    ramp = torch.linspace(1.0, 2.0, flat.shape[1], dtype=flat.dtype, device=flat.device)
+    keys = list(zip(flat.sum(1).tolist(), (flat * ramp).sum(1).tolist()))
+    kept: list[int] = []
+    inverse: list[int] = []
+    for i, key in enumerate(keys):
+        match = next((j for j, k in enumerate(kept) if keys[k] == key and torch.equal(flat[k], flat[i])), None)
+        if match is None:
+            kept.append(i)
+            match = len(kept) - 1
+        inverse.append(match)
+    if len(kept) == len(flat):
+        return batch, torch.arange(len(flat))
+    return batch[kept], torch.tensor(inverse)
+
+
 @dataclass
 class VariantResult:
     key: str
@@ -238,12 +260,17 @@ class Predictor:
         """Softmax and the meter's readings (one per image; with ``pooled``, also one for the whole batch), one pass.
 
         With a calibration, each input's channel-swapped twin rides in the same batch (the meter's channel check).
+        Inputs that are exactly equal are computed once (:func:`distinct_rows`): under a contract with the same mean
+        and std for every channel the BGR panel's input is the correct panel's twin and the other way round.
         """
         n, cal = len(batch), self.calibration
         if cal is not None:
             batch = torch.cat([batch, channel_swap(batch)])
+        unique, inverse = distinct_rows(batch)
         with self._lock:
-            logits, stats = self.engine(batch)
+            logits, stats = self.engine(unique)
+        if len(unique) < len(batch):
+            logits, stats = logits[inverse], stats[inverse]
         widths = [bn.num_features for bn in self._bns]
         per_layer = list(zip(stats[:, 0].split(widths, dim=1), stats[:, 1].split(widths, dim=1)))
         if cal is None:  # the first batch-norm layer's divergence, per image and over the whole batch

@@ -158,3 +158,17 @@ def test_evaluation_gives_the_same_accuracies_with_either_engine(embedded_model,
     assert onnx_acc == torch_acc and set(onnx_acc) == {CORRECT_KEY, *WRONG_VARIANTS}
     assert torch_acc[CORRECT_KEY] >= 0.75  # the examples are test images the model gets right
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx")), "auto did not use ONNX Runtime on the CPU"
+
+
+def test_intra_op_threads_do_not_spin_unless_asked(tmp_path, monkeypatch):
+    """Spin-waiting threads take the cores the app's server needs: off by default, CIFAR_TRANSFER_ORT_SPIN=1 on."""
+    net = tiny_model()
+
+    def spinning(engine: OnnxEngine) -> str:
+        return engine.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    monkeypatch.delenv("CIFAR_TRANSFER_ORT_SPIN", raising=False)
+    assert spinning(OnnxEngine(net, [], 32, folder=tmp_path)) == "0"
+    monkeypatch.setenv("CIFAR_TRANSFER_ORT_SPIN", "1")
+    assert spinning(OnnxEngine(net, [], 32, folder=tmp_path)) == "1"
+    assert spinning(OnnxEngine(net, [], 32, folder=tmp_path, spin=False)) == "0"

@@ -222,3 +222,23 @@ def test_batch_thresholds_include_the_centre_error_and_the_class_spread():
     assert torch.quantile(grouped, 0.98).item() > torch.quantile(mixed, 0.98).item() + 2.0
     # half the draws from each class: the upper one's 96th percentile (1.751 standard deviations)
     assert torch.quantile(grouped, 0.98).item() == pytest.approx(32 ** 0.5 * 0.5 + 1.5 ** 0.5 * 1.751, rel=0.05)
+
+
+def test_layer_features_match_the_per_layer_definition():
+    """The vectorized features equal the definition computed layer by layer: log mean KL, mean standardized
+    shift, mean log variance ratio (swap two columns, drop the log or average over the wrong layer: red)."""
+    g = torch.Generator().manual_seed(0)
+    bns = [torch.nn.BatchNorm2d(c) for c in (3, 8, 5)]
+    for bn in bns:
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) + 0.1)
+    stats = [(torch.randn(4, bn.num_features, generator=g) * 2, torch.rand(4, bn.num_features, generator=g) * 3)
+             for bn in bns]
+    expected = []
+    for bn, (m, v) in zip(bns, stats):
+        mr, vr = bn.running_mean, bn.running_var
+        kl = (0.5 * (v / vr + (m - mr) ** 2 / vr - 1 - torch.log(v / vr))).mean(1)
+        expected += [kl.clamp_min(1e-6).log(), ((m - mr) / vr.sqrt()).mean(1), (v / vr).log().mean(1)]
+    got = meter.layer_features(bns, stats)
+    assert got.shape == (4, 9)
+    torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-5, atol=1e-5)

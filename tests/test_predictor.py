@@ -205,6 +205,45 @@ def test_one_batched_pass_matches_the_model_called_per_variant(predictor, exampl
             assert torch.allclose(got, direct, atol=1e-3), v.key
 
 
+def test_repeated_inputs_are_computed_once_with_the_same_results(predictor, example_images, monkeypatch):
+    """Under the [-1, 1] contract the BGR panel's input is exactly the correct panel's channel-swapped twin: the
+    all-variants batch of 7 inputs + 7 twins goes through the network as 12 rows, and every panel's probabilities
+    and meter reading equal those of the batch computed in full."""
+    from cifar_transfer import predictor as predictor_mod
+
+    pixels = load_image(example_images[3])
+    keys = [CORRECT_KEY, *WRONG_VARIANTS]
+    engine, rows = predictor.engine, []
+
+    def counting(batch):
+        rows.append(len(batch))
+        return engine(batch)
+
+    monkeypatch.setattr(predictor, "engine", counting)
+    deduped = predictor.predict_pixels(pixels, keys)
+    monkeypatch.setattr(predictor_mod, "distinct_rows", lambda b: (b, torch.arange(len(b))))
+    full = predictor.predict_pixels(pixels, keys)
+    assert rows == [2 * len(keys) - 2, 2 * len(keys)]
+    for a, b in zip(deduped.variants, full.variants):
+        assert a.confidences == b.confidences and a.meter.to_dict() == b.meter.to_dict(), a.key
+
+
+def test_distinct_rows_only_merges_exact_repeats():
+    from cifar_transfer.predictor import distinct_rows
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 4, 4, generator=g)
+    near = a.clone()
+    near[2, 3, 3] += 1e-6  # same sums to float precision, not the same input
+    swapped = a.flip(0)  # same sum, different order
+    batch = torch.stack([a, b, a, near, swapped, b])
+    unique, inverse = distinct_rows(batch)
+    assert len(unique) == 4 and torch.equal(unique[inverse], batch)
+    assert inverse.tolist() == [0, 1, 0, 2, 3, 1]
+    same, order = distinct_rows(batch[:2])
+    assert same is not None and torch.equal(same, batch[:2]) and order.tolist() == [0, 1]
+
+
 def test_meter_separates_correct_from_raw_pixels(predictor, example_images):
     result = {v.key: v for v in predictor.predict(example_images[2], ["raw_0_255"]).variants}
     assert result[CORRECT_KEY].meter.level != "broken"
