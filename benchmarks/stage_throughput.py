@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from cifar_transfer.backbones import get_backbone
     from cifar_transfer.engine import make_engine
-    from cifar_transfer.model import CifarTransferModel
+    from cifar_transfer.train import Dist, TrainConfig, build_model, make_optimizer, train_step
 
     torch.set_num_threads(args.threads)
     state = get_backbone("efficientnet_lite0").pretrained_state_dict(args.backbone_weights)
@@ -64,30 +64,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_before = [round(x, 2) for x in os.getloadavg()]
     for cut in args.cuts:
         size, frozen = (int(v) for v in cut.split(":"))
-        model = CifarTransferModel.from_backbone("efficientnet_lite0", class_names=[str(i) for i in range(10)],
-                                                 input_size=size, pretrained_state=state)
-        model.to(memory_format=torch.channels_last)
-        stages = list(model.stages)
-        prefix, rest = nn.Sequential(*stages[:frozen]).eval(), nn.Sequential(*stages[frozen:]).train()
-        for p in prefix.parameters():
-            p.requires_grad_(False)
-        engine = make_engine(prefix, [], size, prefer="auto", threads=args.threads)
+        # the cut, optimizer and step training uses (train.build_model / make_optimizer / train_step)
+        cfg = TrainConfig(backbone="efficientnet_lite0", input_size=size, freeze_stages=frozen, channels_last=True).resolved()
+        net = build_model(cfg, [str(i) for i in range(10)], state, torch.device("cpu"), Dist(), say=lambda *_: None)
+        engine = make_engine(net.prefix, [], size, prefer="auto", threads=args.threads)
         x = torch.randn(32, 3, size, size)
         features = engine(x)[0]
         prefix_rate = rate(lambda: engine(x), 32, args.seconds)
-        opt = torch.optim.SGD(rest.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+        opt = make_optimizer(net.trainable, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.momentum)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         fb = torch.randn(128, *features.shape[1:]).contiguous(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (128,))
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            nn.functional.cross_entropy(rest(fb), y).backward()
-            opt.step()
-
-        train_rate = rate(step, 128, args.seconds)
-        rest.eval()
+        net.trainable.train()
+        train_rate = rate(lambda: train_step(net.body, fb, y, opt, loss_fn), 128, args.seconds)
+        net.trainable.eval()
         with torch.inference_mode():
-            eval_rate = rate(lambda: rest(fb), 128, args.seconds / 2)
+            eval_rate = rate(lambda: net.trainable(fb), 128, args.seconds / 2)
         row = {"input_size": size, "frozen_stages": frozen, "features": list(features.shape[1:]),
                "prefix_engine": engine.name, "prefix_images_per_s": round(prefix_rate, 1),
                "train_images_per_s": round(train_rate, 1), "eval_images_per_s": round(eval_rate, 1),

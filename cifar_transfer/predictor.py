@@ -269,8 +269,7 @@ class Predictor:
         unique, inverse = distinct_rows(batch)
         with self._lock:
             logits, stats = self.engine(unique)
-        if len(unique) < len(batch):
-            logits, stats = logits[inverse], stats[inverse]
+        logits, stats = logits[inverse], stats[inverse]
         widths = [bn.num_features for bn in self._bns]
         per_layer = list(zip(stats[:, 0].split(widths, dim=1), stats[:, 1].split(widths, dim=1)))
         if cal is None:  # the first batch-norm layer's divergence, per image and over the whole batch
