@@ -24,15 +24,18 @@ from pathlib import Path
 
 import gradio as gr
 import torch
+from starlette.middleware import Middleware
 
 from cifar_transfer.contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, variant_explanation, variant_title
 from cifar_transfer.experiment import build_experiment_tab
 from cifar_transfer.study import build_tab as build_study_tab
 from cifar_transfer.gradio_inputs import PathCheckedImage, UncheckedChoices
+from cifar_transfer.http_limits import RequestLimits, limits_from_env
 from cifar_transfer.hub import resolve_checkpoint
 from cifar_transfer.meter import CALIBRATION_FILE
 from cifar_transfer.model import CheckpointError, read_metrics
 from cifar_transfer.predictor import ImageInputError, Predictor, VariantError, shorten
+from cifar_transfer.sessions import BoundedBlocks
 from cifar_transfer.uploads import (MAX_BYTES, PARTIAL_AGE_S, SWEEP_EVERY_S, UPLOAD_AGE_S, UploadGuard, UploadJanitor,
                                     upload_folder)
 
@@ -48,6 +51,9 @@ PANEL_KEYS = [CORRECT_KEY, *WRONG_VARIANTS]
 CONCURRENCY = int(os.environ.get("CIFAR_TRANSFER_CONCURRENCY", "2"))
 QUEUE_SIZE = int(os.environ.get("CIFAR_TRANSFER_QUEUE_SIZE", "128"))
 MAX_UPLOAD = "25mb"
+# Sessions whose last values the server keeps (for the page's render step and deep links), oldest
+# dropped first; each holds its answer and 7 small pictures, about 0.4 MB (see docs: limits).
+SESSIONS = int(os.environ.get("CIFAR_TRANSFER_SESSIONS", "256"))
 
 CSS = """
 .verdict { border: 1px solid var(--border-color-primary); border-radius: 10px; padding: 8px 12px; }
@@ -131,8 +137,9 @@ def checked_path(guard: UploadGuard):
         try:
             return guard.check(path)
         except PermissionError as exc:
-            log.warning("refused a path outside the upload folder and examples: %s", shorten(path, 200))
-            return ImageInputError(str(exc))
+            refusal = ImageInputError(str(exc))
+            refusal.path = shorten(str(path), 200)  # for the log line (predict), never for the answer
+            return refusal
 
     return check
 
@@ -249,12 +256,18 @@ def load_predictor(checkpoint: str | None = None, revision: str | None = None) -
 
 
 class LastErrors:
-    """The last refusal per browser session, for the page to show in place (bounded)."""
+    """The last refusal per browser session, for the page to show in place (bounded).
+
+    Only a request that names its session is stored or answered: an API call without a
+    ``session_hash`` (or a page event called by ``fn_index`` from a fresh session) gets nothing.
+    """
 
     def __init__(self, size: int = 1024):
         self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
 
     def put(self, session: str | None, title: str, message: str) -> None:
+        if not session:
+            return
         with self._lock:
             self._items[session] = (title, message)
             self._items.move_to_end(session)
@@ -262,6 +275,8 @@ class LastErrors:
                 self._items.popitem(last=False)
 
     def pop(self, session: str | None) -> tuple[str, str] | None:
+        if not session:
+            return None
         with self._lock:
             return self._items.pop(session, None)
 
@@ -277,9 +292,9 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
 
     def refuse(request: gr.Request | None, title: str, message: str):
         errors.put(getattr(request, "session_hash", None), title, message)
-        # Gradio renders the message as HTML: escape what came from the visitor (a file name). The
-        # page shows it in place (Gradio's pop-up would title it "Error"); API callers get it here.
-        raise gr.Error(html.escape(message, quote=False), title=title, print_exception=False, visible=False)
+        # The page shows the message in place, escaped (problem_html), never in Gradio's pop-up
+        # (visible=False); API callers get it here as plain text.
+        raise gr.Error(message, title=title, print_exception=False, visible=False)
 
     def predict(image, variants, request: gr.Request = None):
         """Classify one image under the correct contract and each chosen wrong variant (one batched pass).
@@ -295,7 +310,10 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
                 raise ImageInputError(str(image))
             result = predictor.predict(image, variants)
         except ImageInputError as exc:
-            log.info("refused input: %s", exc)
+            if getattr(exc, "path", None):
+                log.warning("refused a path outside the upload folder and examples: %s", exc.path)
+            else:
+                log.info("refused input: %s", exc)
             refuse(request, "Cannot classify this input", str(exc))
         except VariantError as exc:
             log.info("refused variants: %s", exc)
@@ -306,7 +324,7 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
         answer = result.to_dict()
         return answer, {"result": answer, "pictures": [v.seen for v in result.variants]}
 
-    with gr.Blocks(title="Normalization is a contract", analytics_enabled=False) as demo:
+    with BoundedBlocks(title="Normalization is a contract", analytics_enabled=False) as demo:
         gr.Markdown(
             "# Input normalization is a contract with the pretrained model\n"
             "Break it and nothing crashes: the model still answers, only worse. Give it an image and compare the "
@@ -411,12 +429,16 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
 def launch(app: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False, **kwargs):
     """``app.launch`` with this demo's styling and limits (Gradio 6 takes css/theme here).
 
-    Also starts the upload janitor (bounded disk use for uploads, see ``cifar_transfer.uploads``).
+    Limits: request bodies (``cifar_transfer.http_limits``), sessions kept (:data:`SESSIONS`, each
+    bounded by ``cifar_transfer.sessions``), upload size and, through the upload janitor started
+    here, the upload folder's disk use (``cifar_transfer.uploads``).
     """
     if getattr(app, "janitor", None) is not None:
         app.janitor.start()
+    middleware = [Middleware(RequestLimits, **limits_from_env())]
     return app.launch(server_name=host, server_port=port, share=share, css=CSS, head=HEAD, theme=THEME,
-                      max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], **kwargs)
+                      max_file_size=MAX_UPLOAD, allowed_paths=[str(EXAMPLES)], state_session_capacity=SESSIONS,
+                      app_kwargs={"middleware": middleware}, **kwargs)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -442,8 +464,12 @@ if __name__ == "__main__":
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
     # Gradio's own start-up lines tell a user to "set share=True in launch()"; this app's switch is --share.
-    _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, quiet=True,
-                                     prevent_thread_lock=True)
+    try:
+        _, local_url, share_url = launch(demo, host=args.host, port=args.port, share=args.share, quiet=True,
+                                         prevent_thread_lock=True)
+    except OSError as exc:  # Gradio's "Cannot find empty port" (or an address it cannot bind)
+        raise SystemExit(f"error: cannot listen on {args.host}:{args.port} ({shorten(str(exc), 120)}); "
+                         "choose another port with --port N (or GRADIO_SERVER_PORT)") from None
     print(f"* Running on {local_url}", flush=True)
     print(f"* Public link (72 h): {share_url}" if share_url else
           "* To share a public link too, run again with --share (or set CIFAR_TRANSFER_SHARE=1).", flush=True)

@@ -47,6 +47,19 @@ class PathCheckedImage(gr.Image):
         if self._check_path is None:
             return ValueError("This input accepts no file paths.")
         return self._check_path(payload.path)
+
+    def stored_value(self, value):
+        """What the session keeps of a value (see ``cifar_transfer.sessions``): a file the app holds, under
+        this server's own file URL, or nothing. A pasted ``data:`` URL and any ``url`` the client sent are
+        dropped, so a deep link never reopens them."""
+        path = value.get("path") if isinstance(value, dict) else None
+        if not isinstance(path, str) or self._check_path is None or isinstance(self._check_path(path), Exception):
+            return None
+        name = value.get("orig_name")
+        return {"path": path, "url": FILE_URL + encode_file_path(path),
+                "size": value.get("size") if isinstance(value.get("size"), int) else None,
+                "orig_name": name[:MAX_NAME] if isinstance(name, str) else None,
+                "mime_type": None, "is_stream": False, "meta": {"_type": "gradio.FileData"}}
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
@@ -78,6 +91,11 @@ class UncheckedChoices(gr.CheckboxGroup):
 
     def preprocess(self, payload):
         return payload
+
+    def stored_value(self, value):
+        """What the session keeps (see ``cifar_transfer.sessions``): the known keys sent, nothing else."""
+        known = {choice[1] for choice in self.choices}
+        return [v for v in value if isinstance(v, str) and v in known] if isinstance(value, list) else None
     from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:

@@ -161,11 +161,11 @@ def test_every_route_refuses_every_path_shape(running_app, outside, opened, rout
     assert not [p for p in opened if str(outside["folder"]) in p], "a refused file was opened"
 
 
-def test_path_with_gradios_meta_tag_is_refused_by_gradio_without_detail(running_app, outside, opened):
-    """With the ``meta`` tag Gradio's own upload check refuses first; its answer names nothing."""
+def test_path_with_gradios_meta_tag_is_refused_without_detail_and_unopened(running_app, outside, opened):
+    """With the ``meta`` tag Gradio's own upload check refuses first; the answer is the app's one sentence."""
     for kind in ("image", "missing"):
         name, payload = via_call(running_app, [{"path": str(outside[kind]), "meta": META}, []])
-        assert name == "error" and payload == {"error": None}
+        assert name == "error" and payload["error"] == REFUSED
     assert not [p for p in opened if str(outside["folder"]) in p]
 
 
