@@ -18,7 +18,7 @@ switch for it, so the app is started through a small launcher that passes
 ``engine=`` to the ``Predictor`` app.py builds and prints the engine actually
 used (``auto`` and a failed ONNX export fall back to PyTorch), then runs app.py
 as ``__main__``. Several engines run back to back in one invocation, each
-against a fresh app, and each writes ``results/app_load/<name>-<engine>.json``.
+against a fresh app, and each writes ``<out-dir>/<name>-<engine>.json``.
 Without ``--engine`` the app starts as ``python app.py`` and the file is
 ``<name>.json``.
 ``--ort-spin`` starts the app with ``CIFAR_TRANSFER_ORT_SPIN=1``: ONNX Runtime's intra-op threads spin-wait
@@ -42,9 +42,9 @@ Reports errors, p50/p95 latency and requests/s, and the upload folder's size
 and file count and the server's RSS (``VmRSS`` in ``/proc/PID/status``) at
 three points: before the load, right after it, and after ``--wait-s`` (by
 default, when aborted uploads were sent: one sweep past the partial age).
-Prints a JSON summary and writes it to ``results/app_load/<name>.json``
-(atomically). Exits with status 1 if any normal request failed. Only loopback
-URLs are accepted.
+Prints a JSON summary and writes it to ``<out-dir>/<name>.json`` (atomically; ``--out-dir``
+defaults to ``runs/app_load``: the README's files are in ``results/app_load``, pass that to add to
+them). Exits with status 1 if any normal request failed. Only loopback URLs are accepted.
 """
 
 from __future__ import annotations
@@ -282,10 +282,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="a running app on 127.0.0.1 / localhost (default: start one here)")
     p.add_argument("--upload-dir", help="with --url: that app's upload folder, to measure it")
     p.add_argument("--pid", type=int, help="with --url: that app's process id, to read its RSS")
-    p.add_argument("--name", help="results/app_load/<name>.json (default: from the settings, e.g. c32x10)")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "app_load"), metavar="DIR",
+                   help="folder of the JSON files; default: runs/app_load (the README's are in results/app_load: pass that to "
+                        "add to them)")
+    p.add_argument("--name", help="OUT_DIR/<name>.json (default: from the settings, e.g. c32x10)")
     p.add_argument("--engine", nargs="+", choices=ENGINES,
                    help="inference engine(s) of the app it starts, run back to back (e.g. onnxruntime pytorch); "
-                        "each writes results/app_load/<name>-<engine>.json (default: app.py as is, <name>.json)")
+                        "each writes OUT_DIR/<name>-<engine>.json (default: app.py as is, <name>.json)")
     p.add_argument("--warmup", type=int, default=3,
                    help="requests one client sends before the timed load (not counted; default 3, 0: none)")
     p.add_argument("--ort-spin", action="store_true",
@@ -301,7 +304,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
         raise SystemExit("error: --engine starts the app itself; it does not go with --url")
     if args.ort_spin and args.url:
         raise SystemExit("error: --ort-spin sets the environment of the app it starts; it does not go with --url")
-    results = [run(args, engine) for engine in (args.engine or [None])]
+    results = [run(args, engine, out_dir=Path(args.out_dir)) for engine in (args.engine or [None])]
     if len(results) > 1:
         print(f"{'engine':<12} {'requests/s':>10} {'p50 s':>7} {'p95 s':>7} {'errors':>7}  load average before/after")
         for r in results:
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict | list[dict]:
 
 
 def run(args, engine: str | None = None, on_load_start=None, on_load_end=None,
-        out_dir: Path | None = ROOT / "results" / "app_load") -> dict:
+        out_dir: Path | None = None) -> dict:
     """One load run against a fresh app (``engine``: through the launcher) or ``args.url``; writes its JSON.
 
     ``on_load_start(pid)`` / ``on_load_end(pid)``, when given, are called right before the clients start and

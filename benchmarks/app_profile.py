@@ -28,8 +28,9 @@ call does not: each panel's picture written as PNG into Gradio's cache
 (``processing_utils.save_img_array_to_cache``, PIL's default compression), for the default four
 panels, against PIL's fastest PNG compression.
 
-Writes ``results/app_profile/<name>-<engine>.json`` (and the raw py-spy stacks beside it, ``.txt``;
-the committed ones are gzipped, ``.txt.gz``, which ``--resplit`` reads too).
+Writes ``<out-dir>/<name>-<engine>.json`` (and the raw py-spy stacks beside it, ``.txt``; ``--out-dir``
+defaults to ``runs/app_profile``; the committed ones in ``results/app_profile`` are gzipped, ``.txt.gz``,
+which ``--resplit`` reads too).
 The clients' own CPU (gradio_client, 32 threads in this process) is not the server's and is not
 counted; it competes with the server for the same cores, so requests/s here are below a run
 without the profiler: take throughput from ``benchmarks/app_load.py``.
@@ -293,18 +294,25 @@ def _png_bytes(pic, level: int) -> bytes:
     return buf.getvalue()
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine", nargs="+", default=["onnxruntime"], choices=app_load.ENGINES)
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
-    p.add_argument("--name", default=None, help="results/app_profile/<name>-<engine>.json (default c<clients>x<requests>)")
+    p.add_argument("--out-dir", default=str(ROOT / "runs" / "app_profile"), metavar="DIR",
+                   help="folder of the JSON and stack files; default: runs/app_profile (the README's are in "
+                        "results/app_profile: pass that to add to them)")
+    p.add_argument("--name", default=None, help="OUT_DIR/<name>-<engine>.json (default c<clients>x<requests>)")
     p.add_argument("--png-runs", type=int, default=30, help="timed runs of the in-process PNG measurement (0: skip)")
     p.add_argument("--ort-spin", action="store_true", help="as benchmarks/app_load.py --ort-spin (spinning back on)")
     p.add_argument("--resplit", nargs="+", metavar="JSON",
                    help="only recompute the split of saved profiles (results/app_profile/*.json with their .txt)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = get_parser().parse_args(argv)
     if args.resplit:
         outs = [resplit(Path(f)) for f in args.resplit]
         for out in outs:
@@ -314,7 +322,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not Path(pyspy).exists():
         raise SystemExit("error: py-spy not found (pip install py-spy)")
     name = args.name or f"c{args.clients}x{args.requests}"
-    out_dir = ROOT / "results" / "app_profile"
+    out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outs = []
     for engine in args.engine:

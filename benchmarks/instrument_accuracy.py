@@ -9,7 +9,8 @@ batches of 8 and 32, that the meter does not read as "ok" (on ``correct``: false
 the meter's statistic against ``correct``. The doctor: on random batches of 8, 32 and 128 test images, how
 often it names the declared contract first, how often it says "DISAGREES" (a confident wrong answer) and
 how often it is not sure. "before" columns: the first-batch-norm meter and doctor this replaced (same
-images). Results go to results/instrument_accuracy/instrument_accuracy.json (written atomically).
+images). Results go to runs/instrument_accuracy/instrument_accuracy.json (written atomically; --output
+results/instrument_accuracy/instrument_accuracy.json replaces the README's).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def pooled_first_layer(bn, m0: torch.Tensor, v0: torch.Tensor) -> float:
     return float(gaussian_kl(mean, var, bn.running_mean.float(), bn.running_var.float()).mean())
 
 
-def main(argv=None) -> None:
+def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=str(REPO.parent / "shared/datasets/cifar10-jpeg"))
     p.add_argument("--checkpoint", default=str(REPO / "checkpoints/efficientnet_lite0-cifar10"))
@@ -103,8 +104,14 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, default=200, help="random batches per batch size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", help="file for the collected features: read when present, else written")
-    p.add_argument("--output", default=str(REPO / "results/instrument_accuracy/instrument_accuracy.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--output", default=str(REPO / "runs/instrument_accuracy/instrument_accuracy.json"),
+                   help="result JSON; default: runs/instrument_accuracy/instrument_accuracy.json (the README's: "
+                        "results/instrument_accuracy/instrument_accuracy.json)")
+    return p
+
+
+def main(argv=None) -> None:
+    args = get_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     from cifar_transfer.images import pixel_side
     from cifar_transfer.model import load_checkpoint, read_metrics

@@ -12,7 +12,9 @@ Runs ``python -m cifar_transfer.train`` twice with the same wall budget:
 
 Each run's per-epoch test accuracy and wall time (from the start of the command,
 data decoding and caching included) come from its own metrics.json. Writes
-``points.csv``, ``summary.json`` and ``time_to_accuracy.png`` to --out.
+``points.csv``, ``summary.json`` and ``time_to_accuracy.png`` to --out, and the recipe's checkpoint to
+--recipe-output: by default both in a fresh ``runs/time_to_accuracy-<UTC time>/`` (train refuses to
+replace an existing checkpoint unless ``--extra --overwrite``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,9 +45,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="training budget per run in minutes, from the command's start (the schedule follows it); the "
                         "final test evaluation comes on top: 10,000 images and their mirrors through the whole network "
                         "at 160 px, ~2 minutes at 167 images/s (ONNX Runtime, 2 cores), so 27 + that stays under 30")
-    p.add_argument("--recipe-output", default=str(Path("runs") / "time_to_accuracy" / "recipe"),
-                   help="checkpoint folder the recipe writes")
-    p.add_argument("--out", default=str(Path("runs") / "time_to_accuracy"),
+    fresh = Path("runs") / time.strftime("time_to_accuracy-%Y%m%d-%H%M%S", time.gmtime())  # a new folder per run
+    p.add_argument("--recipe-output", default=str(fresh / "recipe"),
+                   help="checkpoint folder the recipe writes (an existing checkpoint there needs --extra --overwrite)")
+    p.add_argument("--out", default=str(fresh),
                    help="folder for CSV, JSON and PNG (the README's are in results/time_to_accuracy: pass that to replace them)")
     p.add_argument("--runs", nargs="+", default=["recipe", "baseline"], choices=["recipe", "baseline"], help="which runs")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train flags for both runs (e.g. --max-per-class 100)")
@@ -52,10 +56,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def run(name: str, flags: list[str], args, output: Path) -> dict:
+    output = output.resolve()  # train runs in ROOT; this process reads the metrics from where it stands
     cmd = [sys.executable, "-m", "cifar_transfer.train", *flags, "--data-dir", args.data_dir,
            "--time-budget-minutes", str(args.budget_minutes), "--output", str(output), "--no-progress", *args.extra]
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    if subprocess.run(cmd, cwd=ROOT).returncode:
+        raise SystemExit(f"error: the {name} run of train failed (its message is above)")
     metrics = json.loads((output / "metrics.json").read_text())
     points = [(0.0, None)] + [(h["wall_seconds"] / 60, h.get("test_acc")) for h in metrics["history"]]
     points.append((metrics["time_to_accuracy_seconds"] / 60, metrics["accuracy"]["correct"]))

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -677,6 +678,55 @@ def calibrate(model: nn.Module, pixels: torch.Tensor, source: str = "", seed: in
     return fit_calibration(model, features, twins["correct"], twins, source=source, seed=seed, groups=labels)
 
 
+# -- the calibration file beside its weights, and the command that writes it ---------------------------------
+
+
+def set_aside_stale_calibration(model: nn.Module, folder: str | Path, log=print) -> Path | None:
+    """Before new weights are written to ``folder``: unless its calibration was made for ``model`` (the same
+    :func:`fingerprint`, the rule :meth:`MeterCalibration.check` applies), rename it atomically to
+    ``meter_calibration.stale-<UTC time>.json``, where nothing looks for it; an unreadable one too. Returns the new path."""
+    path = Path(folder) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        if MeterCalibration.load(path).fingerprint == fingerprint(model):
+            return None
+    except (CalibrationError, ValueError):  # not a calibration at all: it fits nothing
+        pass
+    stamp, n = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), 1
+    aside = path.with_name(f"{path.stem}.stale-{stamp}.json")
+    while aside.exists():  # never over an earlier one of the same second
+        n += 1
+        aside = path.with_name(f"{path.stem}.stale-{stamp}-{n}.json")
+    os.replace(path, aside)
+    log(f"moved {path} aside to {aside.name}: it was made for other weights (rebuild it with python -m "
+        f"cifar_transfer.meter {folder} --data-dir DATA)")
+    return aside
+
+
+def fewest_scores() -> int:
+    """The fewest held-out scores the thresholds can come from: :func:`conformal_upper` at
+    :data:`DRIFTING_QUANTILE` and :func:`conformal_lower` at :data:`CHANNEL_QUANTILE`, asked as the fit asks them."""
+    for n in range(1, 100_000):
+        try:
+            conformal_upper(torch.zeros(n), DRIFTING_QUANTILE)
+            conformal_lower(torch.zeros(n), CHANNEL_QUANTILE)
+            return n
+        except ValueError:
+            continue
+    raise ValueError(f"no number of scores reaches the levels {DRIFTING_QUANTILE} and {CHANNEL_QUANTILE}")
+
+
+def fewest_per_class(class_sizes: list[int], seed: int = 0) -> int | None:
+    """The smallest ``--per-class`` whose threshold part (:func:`split_indices`) holds :func:`fewest_scores` images,
+    for classes of ``class_sizes`` images; None: all of them are too few."""
+    need = fewest_scores()
+    for per_class in range(1, max(class_sizes, default=0) + 1):
+        if len(split_indices(sum(min(per_class, size) for size in class_sizes), seed)["threshold"]) >= need:
+            return per_class
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -685,22 +735,39 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("checkpoint", help="checkpoint folder; the calibration is written there as " + CALIBRATION_FILE)
     p.add_argument("--data-dir", required=True, help="CIFAR-10 JPEG copy (its train/ class folders are read)")
     p.add_argument("--per-class", type=int, default=250,
-                   help="training images per class (split in three: directions, standardization, thresholds)")
+                   help="training images per class (split in three: directions, standardization, thresholds; "
+                        "the thresholds need enough of them: the minimum is checked before any work)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", help="features file: read when present (refit only), else written")
+    p.add_argument("--overwrite", action="store_true", help=f"replace the {CALIBRATION_FILE} already in the folder")
     args = p.parse_args(argv)
-    from .model import load_checkpoint
+    from .model import CheckpointError, load_checkpoint
 
+    out = Path(args.checkpoint) / CALIBRATION_FILE
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"error: {out} already exists; not replacing it: pass --overwrite to rebuild it")
+    train = Path(args.data_dir) / "train"
+    if not train.is_dir():
+        raise SystemExit(f"error: no train/ folder under {args.data_dir}")
+    sizes = [sum(1 for _ in c.iterdir()) for c in train.iterdir() if c.is_dir()]
+    fewest = fewest_per_class(sizes, args.seed)
+    if fewest is None or args.per_class < fewest:
+        have = (f"at least {fewest} per class for these {len(sizes)} classes" if fewest else
+                f"more than the {sum(sizes)} images of {train}")
+        p.error(f"--per-class {args.per_class} is too few: the thresholds need {fewest_scores()} held-out images "
+                f"(the {SPLIT['threshold']:.0%} share of all), so {have}")
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.checkpoint).eval()
+    try:
+        model = load_checkpoint(args.checkpoint).eval()
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
     pixels, labels = _training_pixels(Path(args.data_dir), args.per_class, args.seed, with_labels=True)
     source = f"CIFAR-10 train split, {args.per_class} per class, seed {args.seed}"
     cal = calibrate(model, pixels, source=source, seed=args.seed, cache=args.cache, labels=labels)
     # what rebuilds this file (--cache only skips the forward passes of a previous run of the same command)
     cal.derivation["command"] = (f"python -m cifar_transfer.meter {args.checkpoint} --data-dir {args.data_dir} "
                                  f"--per-class {args.per_class} --seed {args.seed}")
-    out = Path(args.checkpoint) / CALIBRATION_FILE
     cal.save(out)
     print(f"wrote {out}: thresholds {cal.thresholds}")
     for k, v in cal.measured.items():

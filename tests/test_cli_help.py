@@ -8,10 +8,14 @@ import sys
 
 import pytest
 
+from cifar_transfer import train as train_mod
+from cifar_transfer.backbones import BACKBONES
+
 from .conftest import REPO
 
 COMMANDS = [["-m", "cifar_transfer.train"], ["-m", "cifar_transfer.evaluate"], ["-m", "cifar_transfer.doctor"],
-            ["-m", "cifar_transfer.experiment"], ["-m", "cifar_transfer.study"], [str(REPO / "app.py")]]
+            ["-m", "cifar_transfer.experiment"], ["-m", "cifar_transfer.study"], ["-m", "cifar_transfer.meter"],
+            [str(REPO / "app.py")]]
 
 
 def options(help_text: str) -> dict[str, str]:
@@ -59,3 +63,23 @@ def test_the_formatter_keeps_real_defaults_and_drops_the_rest():
     assert help_text["--no-download"].endswith("never download")
     assert help_text["--epochs"].endswith("epochs (default: per backbone)")
     assert help_text["--out"].endswith("output folder (default: checkpoints/x)")
+
+
+def test_train_help_shows_each_backbones_defaults():
+    """The settings each backbone defaults differently show every backbone's value (from the registry), not just
+    "default per backbone"."""
+    help_text = " ".join(train_mod.get_args_parser().format_help().split())
+    for flag, key in (("--input-size", "input_size"), ("--freeze-stages", "freeze_stages"), ("--epochs", "epochs"),
+                      ("--batch-size", "batch_size"), ("--optimizer", "optimizer"), ("--lr", "lr")):
+        paragraph = help_text.split(f" {flag} ", 1)[1].split(" --", 1)[0]
+        said = paragraph.split("default per backbone: ", 1)[-1].split("default: ", 1)[-1]
+        shown = {}
+        for part in said.split("; "):
+            value, names = part.split(" for ", 1)
+            for name in names.split(", "):
+                shown[name.strip()] = value
+        expected = {name: str(spec.defaults[key]) for name, spec in BACKBONES.items()}
+        if set(shown) == {"every backbone"}:
+            assert set(expected.values()) == {shown["every backbone"]}, (flag, paragraph)
+        else:
+            assert shown == expected, (flag, paragraph)
