@@ -24,6 +24,7 @@ it imports neither.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -49,6 +50,49 @@ TAGS = ("image-classification", "timm", "cifar10", "transfer-learning", "normali
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder is missing, incomplete or not ours; the message names the problem."""
+
+
+# -- limits: a checkpoint is untrusted input, checked before anything is built from it ----------------
+
+#: Most classes a checkpoint may have. The largest label set among timm's pretrained classifiers is 115,217
+#: (vit_base_patch16_224.bamboo; ImageNet-21k's is 21,843), so 150,000 refuses no real one, while a config.json
+#: saying 10^9 would otherwise have the loader make 10^9 label names (past 6 GB) before building a 10^9-row head.
+MAX_CLASSES = 150_000
+#: Largest side, in pixels, of the square a checkpoint's network is fed, and of the image resized before its crop
+#: (``input_size / crop_pct``) or stored for it (metrics' ``train_config.image_size``). timm's largest pretrained
+#: input size is 1024 (its classifiers' is 800); one 1024 px float image is 12 MB, the app's batch of every variant
+#: and its channel twins about 170 MB, while 100,000 px would be 120 GB per image.
+MAX_INPUT_SIDE = 1024
+#: Largest JSON file of a checkpoint (config.json, metrics.json, meter_calibration.json), checked before it is read.
+#: The shipped ones are 1.2 kB, 3.9 kB and 82 kB; MAX_CLASSES label names of 100 characters make about 16 MB. Parsing
+#: 16 MiB of the worst JSON (nested empty lists) took 0.7 GB (measured with ru_maxrss), within the 2 GB budget.
+MAX_JSON_BYTES = 16 * 2**20
+#: Widest value a weights file may store (float64, 8 bytes): model.safetensors may hold at most this many bytes a
+#: parameter of the architecture (plus its header), checked from its size before anything is read.
+MAX_BYTES_PER_VALUE = 8
+
+
+def check_class_count(n: Any, where: str = CONFIG_NAME) -> int:
+    """``n`` if it is a positive class count within :data:`MAX_CLASSES`; else the reason, one line."""
+    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
+        raise CheckpointError(f"{where}: num_classes must be a positive integer, got {n!r} "
+                              "(a feature extractor without a classifier cannot be served)")
+    if n > MAX_CLASSES:
+        raise CheckpointError(f"{where}: num_classes is {n:,}, above the limit of {MAX_CLASSES:,} classes "
+                              "this package serves")
+    return n
+
+
+def check_input_size(contract: NormalizationContract, where: str = CONFIG_NAME) -> NormalizationContract:
+    """``contract`` if the images it makes stay within :data:`MAX_INPUT_SIDE` pixels a side; else the reason."""
+    if contract.input_size > MAX_INPUT_SIDE:
+        raise CheckpointError(f"{where}: the input size {contract.input_size} px is above the limit of "
+                              f"{MAX_INPUT_SIDE} px a side")
+    resized = math.floor(contract.input_size / contract.crop_pct)
+    if resized > MAX_INPUT_SIDE:
+        raise CheckpointError(f"{where}: crop_pct {contract.crop_pct} has images resized to {resized} px before "
+                              f"the crop, above the limit of {MAX_INPUT_SIDE} px a side")
+    return contract
 
 
 # -- atomic writes -------------------------------------------------------------
@@ -114,6 +158,8 @@ def check_config(config: Any, where: str = CONFIG_NAME) -> dict[str, Any]:
         contract = NormalizationContract.from_dict(config["contract"])
     except (BackboneError, ContractError) as exc:
         raise CheckpointError(f"{where}: {exc}") from exc
+    check_input_size(contract, where)
+    check_class_count(config["num_classes"], where)
     names = config["label_names"]
     if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
         raise CheckpointError(f"{where}: label_names must be a non-empty list of strings")
@@ -145,11 +191,7 @@ def check_timm_config(config: dict[str, Any], where: str = CONFIG_NAME) -> dict[
 
 
 def timm_num_classes(config: dict[str, Any], where: str = CONFIG_NAME) -> int:
-    n = config.get("num_classes", config.get("pretrained_cfg", {}).get("num_classes"))
-    if not (isinstance(n, int) and not isinstance(n, bool) and n > 0):
-        raise CheckpointError(f"{where}: num_classes must be a positive integer, got {n!r} "
-                              "(a feature extractor without a classifier cannot be served)")
-    return n
+    return check_class_count(config.get("num_classes", config.get("pretrained_cfg", {}).get("num_classes")), where)
 
 
 def timm_label_names(config: dict[str, Any], where: str = CONFIG_NAME) -> list[str]:
@@ -200,7 +242,7 @@ def contract_from_pretrained_cfg(pretrained_cfg: Any, where: str = CONFIG_NAME) 
         raise CheckpointError(f"{where}: pretrained_cfg's input_size {list(size)} is not a square RGB image "
                               "(this package feeds the network square RGB images)")
     try:
-        return NormalizationContract(
+        contract = NormalizationContract(
             name="pretrained_cfg", mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), input_size=int(size[1]),
             interpolation=cfg["interpolation"], crop_pct=cfg["crop_pct"], crop_mode=cfg["crop_mode"],
             description="From the checkpoint's timm pretrained_cfg, as timm preprocesses: RGB pixels in [0, 1], "
@@ -208,6 +250,7 @@ def contract_from_pretrained_cfg(pretrained_cfg: Any, where: str = CONFIG_NAME) 
     except ContractError as exc:
         raise CheckpointError(f"{where}: pretrained_cfg asks for preprocessing this package does not implement: "
                               f"{exc}") from exc
+    return check_input_size(contract, f"{where}: pretrained_cfg")
 
 
 def check_timm_agrees(contract: NormalizationContract, pretrained_cfg: Any, where: str = CONFIG_NAME) -> None:
@@ -223,8 +266,23 @@ def check_timm_agrees(contract: NormalizationContract, pretrained_cfg: Any, wher
                               f"the contract, and they differ ({'; '.join(disagreements)})")
 
 
+def read_json(path: Path) -> Any:
+    """One of a checkpoint's JSON files, its size checked before it is read (:data:`MAX_JSON_BYTES`); a file too
+    large or not JSON is one :class:`CheckpointError` line naming it."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path} is {size / 2**20:.0f} MB, above the limit of {MAX_JSON_BYTES // 2**20} MB for "
+                              "a checkpoint's JSON file")
+    try:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+
+
 def read_config(folder: Path) -> dict[str, Any]:
-    """Read and validate a checkpoint folder's config.json; the weights file must be there too."""
+    """Read and validate a checkpoint folder's config.json; the weights file must be there too, and its other JSON
+    files (metrics, meter calibration), if any, must be JSON within the size limit."""
     folder = Path(folder)
     if not folder.exists():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
@@ -233,24 +291,88 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{folder} is not a checkpoint: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
-    check_config(config, str(path))
+    config = check_config(read_json(path), str(path))
     if not (folder / WEIGHTS_NAME).is_file():
         pickled = [n for n in PICKLED_WEIGHTS if (folder / n).is_file()]
         hint = (f" (it has {pickled[0]}, a pickle, which this package never loads: re-save the weights with "
                 "timm.models.save_for_hf(..., safe_serialization=True))") if pickled else ""
         raise CheckpointError(f"{folder} is not a complete checkpoint: {WEIGHTS_NAME} is missing{hint}")
+    read_metrics(folder)
+    if (folder / CALIBRATION_NAME).is_file():
+        read_json(folder / CALIBRATION_NAME)  # its content is the meter's to check (meter.MeterCalibration.load)
     return config
 
 
 def read_metrics(folder: Path) -> dict[str, Any] | None:
+    """The folder's metrics.json, checked (:func:`check_metrics`); ``None`` without one."""
     path = Path(folder) / METRICS_NAME
-    if not path.is_file():
-        return None
+    return check_metrics(read_json(path), str(path)) if path.is_file() else None
+
+
+def check_metrics(metrics: Any, where: str = METRICS_NAME) -> dict[str, Any]:
+    """``metrics`` if it is a JSON object whose recorded training image size (the side images are read at for the
+    model, :func:`cifar_transfer.images.pixel_side`) is within :data:`MAX_INPUT_SIDE`; else the reason."""
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{where} must hold a JSON object")
+    train_config = metrics.get("train_config")
+    if train_config is not None and not isinstance(train_config, dict):
+        raise CheckpointError(f"{where}: train_config must be a JSON object")
+    side = (train_config or {}).get("image_size")
+    if isinstance(side, (int, float)) and side > MAX_INPUT_SIDE:
+        raise CheckpointError(f"{where}: train_config.image_size {side} px is above the limit of {MAX_INPUT_SIDE} px "
+                              "a side")
+    return metrics
+
+
+# -- the weights file, against the architecture ------------------------------------------------
+
+
+def check_weights(path: Path, shapes: dict[str, tuple[int, ...]], architecture: str, strict: bool = True) -> None:
+    """Check ``model.safetensors`` against ``shapes`` (the architecture's tensors, name to shape) from its size and
+    header alone, before any tensor is read: not larger than the architecture can fill
+    (:data:`MAX_BYTES_PER_VALUE`), and, tensor by tensor, the names (when ``strict``) and shapes it needs.
+    The first problem is one :class:`CheckpointError` line."""
+    path = Path(path)
+    size = path.stat().st_size
+    header_limit = 8 + MAX_JSON_BYTES
+    limit = header_limit + MAX_BYTES_PER_VALUE * sum(math.prod(s) for s in shapes.values())
+    if size > limit:
+        raise CheckpointError(f"{path} is {size / 2**20:,.0f} MB, more than the architecture in {CONFIG_NAME} "
+                              f"({architecture}) can hold: at most {limit / 2**20:,.0f} MB")
+    tensors = _safetensors_header(path, size)
+    mismatch = "weights do not match the architecture in config.json"
+    if strict:
+        missing = [k for k in shapes if k not in tensors]
+        unexpected = [k for k in tensors if k not in shapes]
+        if missing:
+            raise CheckpointError(f"{path}: {mismatch} ({architecture}): it lacks the tensor {missing[0]!r} "
+                                  f"({len(missing)} of {len(shapes)} missing)")
+        if unexpected:
+            raise CheckpointError(f"{path}: {mismatch} ({architecture}): it has the tensor {unexpected[0]!r}, "
+                                  f"which the architecture has not ({len(unexpected)} such)")
+    for name, shape in shapes.items():
+        if name not in tensors:
+            continue  # allowed when not strict
+        found = tensors[name].get("shape") if isinstance(tensors[name], dict) else None
+        if found != list(shape):
+            raise CheckpointError(f"{path}: {mismatch} ({architecture}): tensor {name!r} has the shape {found} in the "
+                                  f"file, {list(shape)} in the architecture")
+
+
+def _safetensors_header(path: Path, size: int) -> dict[str, Any]:
+    """A safetensors file's header (its tensors' names, dtypes, shapes and offsets), read and size-checked alone."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < length <= min(MAX_JSON_BYTES, size - 8):
+            raise CheckpointError(f"{path} is not a safetensors file (its header length is {length} bytes, in a file "
+                                  f"of {size} bytes)")
+        header = f.read(length)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+        tensors = json.loads(header)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not valid JSON ({exc})") from None
+    if not isinstance(tensors, dict):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
+    tensors.pop("__metadata__", None)
+    return tensors

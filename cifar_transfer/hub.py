@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 from .checkpoint import CALIBRATION_NAME, CARD_NAME, CONFIG_NAME, METRICS_NAME, PRETRAINED_CFG_SOURCE, WEIGHTS_NAME, CheckpointError
 from .model import CifarTransferModel, load_checkpoint
 
@@ -26,7 +29,7 @@ def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Pa
     """Return ``(folder, model, note)`` for a local folder or a Hub repo id: one of this package's checkpoints or
     any timm classifier's (the note then says its contract came from the repo's ``pretrained_cfg``)."""
     path = Path(ref).expanduser()
-    if path.exists() or not REPO_ID.match(ref):
+    if path.exists() or not could_be_repo_id(ref):
         return path, *_loaded(path, f"loaded local checkpoint {path}")
     label = ref + (f"@{revision}" if revision else "")
     try:
@@ -39,7 +42,18 @@ def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Pa
     if fallback is not None and Path(fallback).exists():
         folder = Path(fallback)
         return folder, *_loaded(folder, f"could not load {label} from the Hub or its cache ({reason}); using the local copy {folder}")
-    raise CheckpointError(f"cannot load {label} from the Hugging Face Hub or its cache: {reason}")
+    raise CheckpointError(f"no such local folder: {ref} ({path.absolute()}), and cannot load {label} from the Hugging Face "
+                          f"Hub or its cache: {reason}")
+
+
+def could_be_repo_id(ref: str) -> bool:
+    """Whether ``ref`` could name a Hub repo, ``USER/NAME`` as the Hub spells them; if not, it can only be a local path
+    (``./x``, ``/x``, ``~/x``, ``a/b/c``, a bare name...)."""
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        return False
+    return bool(REPO_ID.match(ref))
 
 
 def _loaded(folder: Path, note: str) -> tuple[CifarTransferModel, str]:
@@ -53,26 +67,36 @@ def _loaded(folder: Path, note: str) -> tuple[CifarTransferModel, str]:
 
 def _from_hub(ref: str, revision: str | None) -> tuple[Path, str]:
     """Download (online) or look up (offline, unreachable) the snapshot; say which."""
-    from huggingface_hub import HfApi, constants, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import snapshot_download
 
-    if constants.is_offline_mode():
-        why = "offline mode, HF_HUB_OFFLINE=1"
-    else:
-        try:
-            HfApi().repo_info(ref, revision=revision)
-        except (RepositoryNotFoundError, RevisionNotFoundError):
-            raise  # the Hub answered: a wrong name is not a reason to use a stale cache
-        except Exception as exc:  # noqa: BLE001 - unreachable, timeout, server error
-            why = describe_hub_error(exc)
-        else:
-            folder = snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES)
-            return Path(folder), "downloaded from the Hugging Face Hub"
+    why = hub_unreachable(ref, revision)
+    if why is None:
+        folder = snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES)
+        return Path(folder), "downloaded from the Hugging Face Hub"
     try:
         folder = snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - not cached, or cached only in part
         raise HubUnavailable(f"{why}, and {describe_hub_error(exc)}") from exc
     return Path(folder), f"loaded from the Hugging Face cache ({why})"
+
+
+def hub_unreachable(ref: str, revision: str | None = None, token: str | bool | None = None) -> str | None:
+    """Why the Hub cannot be asked about ``ref`` now (offline mode, unreachable, a server error); ``None`` when it
+    answers. One request, without the client's retries (a download retries a dead connection 5 times, about 30 s).
+    A Hub that answers there is no such repository or revision raises that: a wrong name is not a reason to use a
+    stale cache."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    if constants.is_offline_mode():
+        return "offline mode, HF_HUB_OFFLINE=1"
+    try:
+        HfApi(token=token).repo_info(ref, revision=revision)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreachable, timeout, server error
+        return describe_hub_error(exc)
+    return None
 
 
 def describe_hub_error(exc: BaseException) -> str:

@@ -24,8 +24,8 @@ from .backbones import DEFAULT_BACKBONE, BackboneError, backbone_for_architectur
 from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import these from here
     CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, PRETRAINED_CFG_SOURCE, TAGS,
     WEIGHTS_NAME, CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config,
-    check_timm_agrees, check_timm_config, contract_from_pretrained_cfg, is_timm_config, read_config, read_metrics,
-    timm_label_names,
+    check_timm_agrees, check_timm_config, check_weights, contract_from_pretrained_cfg, is_timm_config, read_config,
+    read_metrics, timm_label_names,
 )
 from .contract import ContractError, NormalizationContract
 
@@ -215,21 +215,32 @@ class CifarTransferModel(
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "CifarTransferModel":
-        """The mixin's ``from_pretrained`` (a folder or a Hub repo id), with Hub failures as one clear
-        :class:`CheckpointError` (offline and not cached, unreachable, no such repo) instead of the client's own."""
+        """The mixin's ``from_pretrained`` (a folder or a Hub repo id), each failure one clear :class:`CheckpointError`.
+
+        A local folder's files are checked first (:func:`read_config`: limits, JSON). A reference that can only be a
+        path (``./x``, ``/x``, ``~/x``, ``a/b/c``...) and names no folder fails at once. A Hub repo id is asked of
+        the Hub once, without the client's retries (about 30 s on a dead connection); unreachable, only the cache is
+        used. When neither gives it, the error says so, and that there is no local folder of that name either."""
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+        from .hub import could_be_repo_id, describe_hub_error, hub_unreachable  # here: hub imports this module
+
+        ref = str(pretrained_model_name_or_path)
+        local = os.path.expanduser(ref)
+        if os.path.isdir(local):
+            read_config(Path(local))
+            return super().from_pretrained(local, *args, **kwargs)
+        no_folder = f"no such local folder: {ref}" + (f" ({os.path.abspath(local)})" if os.path.abspath(local) != ref else "")
+        if not could_be_repo_id(ref):
+            raise CheckpointError(no_folder)
+        why = None
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            why = None if kwargs.get("local_files_only") else hub_unreachable(ref, kwargs.get("revision"), kwargs.get("token"))
+            return super().from_pretrained(ref, *args, **{**kwargs, "local_files_only": why is not None or
+                                                          kwargs.get("local_files_only", False)})
         except (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError) as exc:
-            from huggingface_hub import constants
-
-            from .hub import describe_hub_error
-
-            reason = describe_hub_error(exc)
-            if constants.is_offline_mode() and "offline" not in reason:
-                reason = f"offline mode, HF_HUB_OFFLINE=1, and {reason}"
-            raise CheckpointError(f"cannot load {pretrained_model_name_or_path} from the Hugging Face Hub or its cache: "
+            reason = describe_hub_error(exc) if why is None else f"{why}, and {describe_hub_error(exc)}"
+            raise CheckpointError(f"{no_folder}, and cannot load {ref} from the Hugging Face Hub or its cache: "
                                   f"{reason}") from None
 
     @classmethod
@@ -248,13 +259,18 @@ class CifarTransferModel(
 
         if is_timm_config(model_kwargs):  # a plain timm checkpoint, not one of ours: bring your own classifier
             model_kwargs["format"] = None
-        model = cls(**model_kwargs)
         weights = fetch(WEIGHTS_NAME)
+        with torch.device("meta"):  # the architecture's tensor shapes, none allocated: the weights file is checked first
+            skeleton = _build(cls, model_kwargs)
+        check_weights(weights, {k: tuple(v.shape) for k, v in skeleton.net.state_dict().items()}, skeleton.architecture,
+                      strict)
+        model = _build(cls, model_kwargs)
         try:
             model.net.load_state_dict(load_file(weights, device=str(map_location)), strict=strict)
         except (RuntimeError, SafetensorError) as exc:
-            raise CheckpointError(f"{weights}: weights do not match the architecture in config.json: {exc}") from exc
-        model.metrics = _optional_json(fetch, METRICS_NAME)
+            raise CheckpointError(f"{weights}: weights do not match the architecture in config.json: "
+                                  f"{' '.join(str(exc).split())}") from exc
+        model.metrics = _optional_metrics(fetch)
         return model.eval()
 
 
@@ -265,14 +281,23 @@ class _AtomicCard(ModelCard):
         atomic_write_text(Path(filepath), str(self))
 
 
-def _optional_json(fetch, name: str) -> dict | None:
+def _build(cls, model_kwargs: dict[str, Any]) -> CifarTransferModel:
+    """``cls(**model_kwargs)``; an architecture timm cannot build as config.json describes it is the checkpoint's fault."""
+    try:
+        return cls(**model_kwargs)
+    except BackboneError as exc:
+        raise CheckpointError(f"{CONFIG_NAME}: {exc}") from exc
+
+
+def _optional_metrics(fetch) -> dict | None:
+    """The checkpoint's metrics.json (checked: :func:`read_metrics`), ``None`` without one."""
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        path = fetch(name)
+        path = fetch(METRICS_NAME)
     except (EntryNotFoundError, LocalEntryNotFoundError):
         return None
-    return json.loads(Path(path).read_text(encoding="utf-8")) if os.path.isfile(path) else None
+    return read_metrics(Path(path).parent)
 
 
 # -- checkpoint folders -----------------------------------------------------------------

@@ -344,6 +344,48 @@ def test_unknown_repo_is_not_served_from_a_stale_cache(hub, client, checkpoint):
     assert "does not exist" in note and "using the local copy" in note
 
 
+# -- a reference: a local folder, a Hub repo id, or either ------------------------------------------
+
+SHIPPED_NAME = "checkpoints/efficientnet_lite0-cifar10"  # the README's folder, run from another working folder
+
+
+@pytest.mark.parametrize("ref", ["./" + SHIPPED_NAME, "/no/such/checkpoint", "~/no-such-checkpoint-folder",
+                                 SHIPPED_NAME + "/v2", "checkpoint-without-owner", "two--dashes/name", "owner/name."])
+def test_a_path_that_names_no_folder_fails_at_once_without_asking_the_hub(hub, client, tmp_path, monkeypatch, ref):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        CifarTransferModel.from_pretrained(ref)
+    message = str(err.value)
+    assert message.startswith(f"no such local folder: {ref}") and "Hub" not in message
+    assert hub.requests == []
+
+
+def test_a_name_that_could_be_either_says_there_is_no_folder_and_what_the_hub_said(hub, client, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    where = f"no such local folder: {SHIPPED_NAME} ({tmp_path / SHIPPED_NAME}), and cannot load {SHIPPED_NAME} from "
+    with pytest.raises(CheckpointError, match=re.escape(where + "the Hugging Face Hub or its cache: the repository does "
+                                                         "not exist")):
+        CifarTransferModel.from_pretrained(SHIPPED_NAME)
+    with pytest.raises(CheckpointError, match=re.escape(where + "the Hugging Face Hub or its cache: the repository")):
+        resolve_checkpoint(SHIPPED_NAME)
+    shutil.copytree(REPO / SHIPPED_NAME, tmp_path / SHIPPED_NAME)  # the folder exists: it is loaded, the Hub not asked
+    hub.requests.clear()
+    assert CifarTransferModel.from_pretrained(SHIPPED_NAME).class_names[0] == "airplane" and hub.requests == []
+
+
+def test_an_unreachable_hub_is_asked_once_then_the_cache(tmp_path, monkeypatch, caplog):
+    """Not the client's five retries (about 30 s): one request, then the cache, then one line saying both."""
+    monkeypatch.chdir(tmp_path)
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    _point_client_at(monkeypatch, endpoint, tmp_path / "hf_home")
+    with pytest.raises(CheckpointError) as err:
+        CifarTransferModel.from_pretrained(SHIPPED_NAME)
+    assert str(err.value) == (f"no such local folder: {SHIPPED_NAME} ({tmp_path / SHIPPED_NAME}), and cannot load "
+                              f"{SHIPPED_NAME} from the Hugging Face Hub or its cache: cannot reach the Hugging Face Hub "
+                              f"at {endpoint} (ConnectError), and it is not (completely) in the Hugging Face cache")
+    assert not [r for r in caplog.records if "Retrying" in r.getMessage()]
+
+
 # -- bring your own classifier: any timm classifier, served, scored, diagnosed -------------------------
 
 COLOURS = ["red", "green", "blue"]  # the label_names of "another project's" classifier
