@@ -77,6 +77,7 @@ CSS = """
 .meter-chip.level-drifting { background: #f9a825; color: #1a1a1a; }
 .meter-chip.level-broken { background: #b71c1c; color: #fff; }
 .meter-chip.level-unknown { background: #e0e0e0; color: #1a1a1a; }
+.meter-chip.level-unusual { background: #0d47a1; color: #fff; }
 .meter-bar { height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; margin: 6px 0; }
 .meter-fill { height: 100%; }
 .values { margin-top: 4px; color: var(--body-text-color-subdued); }
@@ -176,11 +177,16 @@ def contract_markdown(predictor: Predictor) -> str:
 
 
 def meter_html(variant: dict, contract_range: tuple[float, float]) -> str:
-    """The contract meter of one panel, and what the values fed to the network were."""
+    """The contract meter of one panel, and what the values fed to the network were.
+
+    A wrong panel read against the correct one (its meter has a ``shift``) shows that shift, the number its level
+    comes from; the correct panel and uncalibrated readings show the panel's own score."""
     meter = variant["meter"]
-    d = meter["divergence"]
+    paired = isinstance(meter.get("shift"), (int, float))
+    d = meter["shift"] if paired else meter["divergence"]
+    name = "Contract meter, shift from the correct panel" if paired else "Contract meter"
     known = isinstance(d, (int, float)) and math.isfinite(d)
-    number = "—" if not known else f"{d:.2f}" if d < 10 else f"{d:,.0f}"
+    number = _num(d) if known else "—"  # as the meter's words write it
     fill = max(3.0, min(100.0, 100 * math.log10(1 + max(d, 0.0)) / 5)) if known else 3.0  # log scale, full at 100,000
     colour = html.escape(meter["colour"])
     level = html.escape(meter["level"])
@@ -191,7 +197,7 @@ def meter_html(variant: dict, contract_range: tuple[float, float]) -> str:
         values += (f" {100 * variant['clipped']:.0f}% of them lie outside that range, so the picture above shows "
                    "them clipped (white or black), not as the network sees them.")
     return (
-        f'<div class="meter"><div class="meter-top"><span>Contract meter: <b>{number}</b></span>'
+        f'<div class="meter"><div class="meter-top"><span>{name}: <b>{number}</b></span>'
         f'<span class="meter-chip level-{level}">{level}</span></div>'
         f'<div class="meter-bar" aria-hidden="true"><div class="meter-fill" style="width:{fill:.0f}%;background:{colour}"></div></div>'
         f'<div class="meter-words">{html.escape(meter["words"])}</div>'

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,25 +60,32 @@ DRIFTING = 10.0
 
 CALIBRATION_FILE = CALIBRATION_NAME
 CALIBRATION_VERSION = 1
-LEVELS = ("ok", "drifting", "broken", "unknown")
-COLOURS = {"ok": "#2e7d32", "drifting": "#f9a825", "broken": "#c62828", "unknown": "#757575"}
+#: "ok", "drifting", "broken": where an input's statistics sit (against the correct panel of the same picture in the
+#: app, else against the training images); "unusual": only the app's correct panel, the reference, when the picture
+#: itself is unlike the training images; "unknown": no calibration, cannot judge.
+LEVELS = ("ok", "drifting", "broken", "unusual", "unknown")
+COLOURS = {"ok": "#2e7d32", "drifting": "#f9a825", "broken": "#c62828", "unusual": "#1565c0", "unknown": "#757575"}
 
 
 @dataclass(frozen=True)
 class MeterReading:
-    divergence: float  # the meter's score (calibrated meter: largest standardized discriminant; else first-layer D)
-    level: str  # "ok" | "drifting" | "broken" | "unknown" (no calibration: cannot judge)
+    divergence: float  # this input's own score (calibrated meter: largest standardized discriminant; else first-layer D)
+    level: str  # one of LEVELS
     colour: str
     words: str
-    channel_order: float | None = None  # paired channel-order score (positive: fits the order it was given)
+    channel_order: float | None = None  # this input against its channel-swapped twin (positive: fits the order it was given)
     reliability: dict | None = None  # what was measured for this kind of input (set by the Predictor per panel)
+    #: Paired readings (the app's wrong panels) only, both against the correct panel of the same picture: the largest
+    #: increase of a mistake's standardized discriminant (the level's number), and the channel-order evidence of this
+    #: panel against that panel (negative: the correct panel's channel order fits the network better; None: not judged).
+    shift: float | None = None
+    channel_shift: float | None = None
 
     def to_dict(self) -> dict:
         d = {"divergence": self.divergence, "level": self.level, "colour": self.colour, "words": self.words}
-        if self.channel_order is not None:
-            d["channel_order"] = self.channel_order
-        if self.reliability is not None:
-            d["reliability"] = self.reliability
+        for key in ("channel_order", "reliability", "shift", "channel_shift"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
         return d
 
 
@@ -337,11 +345,17 @@ class MeterCalibration:
         f = features.double()
         w = torch.tensor(self.directions, dtype=torch.float64)
         z = (f @ w.T - torch.tensor(self.centres, dtype=torch.float64)) / torch.tensor(self.scales, dtype=torch.float64)
-        channel = None
-        if twin_features is not None and self.channel_direction is not None:
-            wc = torch.tensor(self.channel_direction, dtype=torch.float64)
-            channel = ((f - twin_features.double()) @ wc) / self.channel_scale
+        channel = None if twin_features is None else self.channel_evidence(f, twin_features)
         return MeterScores(z.max(dim=1).values, z, channel)
+
+    def channel_evidence(self, features: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
+        """``(N,)`` standardized channel-order evidence of ``features`` against ``other`` (positive: ``features``
+        fit the network's channel order better). Against an input's own channel-swapped twin this is the paired
+        channel score; against the correct panel of the same picture, the app's channel shift. None: not calibrated."""
+        if self.channel_direction is None:
+            return None
+        wc = torch.tensor(self.channel_direction, dtype=torch.float64)
+        return ((features.double() - other.double()) @ wc) / self.channel_scale
 
     def batch_scores(self, s: MeterScores) -> tuple[float, float | None]:
         """One score for a whole batch: sqrt(n) times the mean standardized discriminant (same scale as one image)."""
@@ -359,30 +373,181 @@ class MeterCalibration:
             return self.thresholds
         return dict(self.thresholds, **self.thresholds["batch"][str(max(sizes))])
 
+    def paired_thresholds(self) -> dict:
+        """Thresholds of a panel judged against the correct panel of the same picture (:meth:`paired_reading`).
+
+        ``drifting`` and ``broken``: the single-image thresholds less the median score of the held-out correct
+        images (``held_out_scores``, the images the thresholds come from): the shift that carries a typical
+        correctly preprocessed image to each threshold. ``channel``: the single-image channel threshold, at most 0:
+        for a panel that is its reference's channel-swapped twin the channel shift is minus the reference's channel
+        score, so it falls below this as often as a correct image's channel score does (at most
+        ``channel_quantile`` of them, split-conformal). A panel equal to its reference (both shifts 0) is never
+        flagged."""
+        if not self.held_out_scores:
+            raise CalibrationError("this calibration does not record the held-out scores its thresholds came from")
+        typical = statistics.median(max(row) for row in self.held_out_scores["per_mistake"])
+        t = self.thresholds
+        return {"drifting": t["drifting"] - typical, "broken": t["broken"] - typical, "channel": min(t["channel"], 0.0),
+                "typical": typical}
+
+    def _share(self) -> str:
+        """The share of correctly preprocessed images the drifting threshold lets through above it, in words."""
+        return f"{100 * (1 - self.derivation['drifting_quantile']):.0f}%"
+
     def reading(self, score: float, channel: float | None, n_images: int = 1) -> MeterReading:
+        """The absolute reading (no reference: ``check_batch``, the doctor, a batch as a whole): ``score`` and
+        ``channel`` against what correctly preprocessed training images give. Its words say so: a picture unlike
+        the training images can read "drifting" here whatever its preprocessing."""
         t = self.thresholds_for(n_images)
         what = "this image" if n_images == 1 else f"these {n_images} images"
+        subject = "this image fits" if n_images == 1 else f"these {n_images} images fit"
+        against = ("correctly preprocessed training images" if n_images == 1 else
+                   f"batches of {n_images} correctly preprocessed training images")
         if score > t["broken"]:
             return MeterReading(score, "broken", COLOURS["broken"],
-                                f"Far outside the contract: the batch-norm layers see statistics no correctly preprocessed "
-                                f"training image came near (score {score:,.3g}; beyond {t['broken']:.3g} counts as broken).",
-                                channel)
+                                "Far outside the contract: the batch-norm layers see statistics no correctly preprocessed "
+                                f"training image came near ({_vs('score', score, 'beyond', t['broken'])}).", channel)
         if score > t["drifting"]:
             return MeterReading(score, "drifting", COLOURS["drifting"],
-                                f"Outside the contract: the batch-norm layers see the statistics of a different normalization "
-                                f"on {what} (score {score:.2f}; above {t['drifting']:.2f}, which "
-                                f"at most {100 * (1 - self.derivation['drifting_quantile']):.0f}% of correctly preprocessed images exceed).",
-                                channel)
+                                "Outside the contract, measured against correctly preprocessed training images: the "
+                                f"batch-norm layers' statistics on {what} lie where at most {self._share()} of {against} "
+                                f"do ({_vs('score', score, 'above', t['drifting'])}). A different normalization does "
+                                "this; so can pictures unlike the training images.", channel)
         if channel is not None and channel < t["channel"]:
             return MeterReading(score, "drifting", COLOURS["drifting"],
-                                f"Channel order looks swapped: {what} fit{'s' if n_images == 1 else ''} the network better with red "
-                                "and blue exchanged (BGR vs RGB). Value range and statistics are otherwise inside the contract.",
+                                f"Channel order looks swapped: {_channel_low(channel, subject)} "
+                                f"({_vs('channel score', channel, 'below', t['channel'])}). Value range and "
+                                f"statistics are otherwise within what {against} show "
+                                f"({_vs('score', score, 'at most', t['drifting'])}).",
                                 channel)
-        words = ("Inside the contract as far as the meter can tell: value range, mean and contrast look like correctly "
-                 "preprocessed training images")
-        words += (", and the channel order fits better than its swap" if channel is not None else
-                  "; channel order was not checked (it needs the channel-swapped twin)")
-        return MeterReading(score, "ok", COLOURS["ok"], words + ".", channel)
+        return MeterReading(score, "ok", COLOURS["ok"],
+                            "Inside the contract as far as the meter can tell: value range, mean and contrast look like "
+                            f"those of {against} ({_vs('score', score, 'at most', t['drifting'])})"
+                            f"{_channel_clause(channel, t['channel'], 'its swap', 'channel score')}.", channel)
+
+    def reference_reading(self, score: float, channel: float | None) -> MeterReading:
+        """The app's correct panel: the reference the other panels are judged against, never "drifting" or
+        "broken". "unusual" when the picture itself is unlike the training images even under the model's own
+        preprocessing (its score above the single-image drifting threshold, or its channel score below the channel
+        threshold); else "ok"."""
+        t = self.thresholds
+        reasons = []
+        if score > t["broken"]:
+            reasons.append(f"its statistics are far from the training images' ({_vs('score', score, 'beyond', t['broken'])}"
+                           ": no correctly preprocessed training image came near)")
+        elif score > t["drifting"]:
+            reasons.append(f"its statistics differ from the training images' ({_vs('score', score, 'above', t['drifting'])}"
+                           f": at most {self._share()} of correctly preprocessed training images "
+                           "score higher)")
+        if channel is not None and channel < t["channel"]:
+            reasons.append(f"{_channel_low(channel, 'it fits')} ({_vs('channel score', channel, 'below', t['channel'])})")
+        if reasons:
+            return MeterReading(score, "unusual", COLOURS["unusual"],
+                                f"An unusual picture for this model: even under the model's own preprocessing, "
+                                f"{'; and '.join(reasons)}. So the meter compares the other panels with this one: this "
+                                "is about the picture, not its preprocessing.", channel)
+        return MeterReading(score, "ok", COLOURS["ok"],
+                            "The reference: this picture under the model's own preprocessing, which the meter compares "
+                            "the other panels with. Its statistics look like those of correctly preprocessed training "
+                            f"images ({_vs('score', score, 'at most', t['drifting'])})"
+                            f"{_channel_clause(channel, t['channel'], 'its swap', 'channel score')}.", channel)
+
+    def paired_reading(self, score: float, shift: float, channel_shift: float | None,
+                       reference_channel: float | None, thresholds: dict | None = None) -> MeterReading:
+        """A wrong panel judged against the correct panel of the same picture (:meth:`paired_thresholds`).
+
+        ``shift``: the largest increase of a mistake's standardized discriminant over the reference's;
+        ``channel_shift``: this panel's channel-order evidence against the reference; ``reference_channel``: the
+        reference's own channel score (below the channel threshold, or None, the channel shift is not judged);
+        ``thresholds``: :meth:`paired_thresholds` (computed when not given)."""
+        t = thresholds or self.paired_thresholds()
+        vs = "against the correct panel of this same picture"
+        judged = (channel_shift is not None and reference_channel is not None
+                  and reference_channel >= self.thresholds["channel"])
+
+        def read(level: str, words: str) -> MeterReading:
+            return MeterReading(score, level, COLOURS[level], words, None, shift=shift, channel_shift=channel_shift)
+
+        if shift > t["broken"]:
+            return read("broken", f"Far outside the contract: {vs}, the batch-norm layers' statistics moved towards a "
+                                  f"normalization mistake ({_vs('shift', shift, 'beyond', t['broken'])}: enough to "
+                                  "carry a typical correctly preprocessed training image far beyond any of them).")
+        if shift > t["drifting"]:
+            return read("drifting", f"Outside the contract: {vs}, the batch-norm layers' statistics moved towards a "
+                                    f"normalization mistake ({_vs('shift', shift, 'above', t['drifting'])}: enough to "
+                                    "carry a typical correctly preprocessed training image past the score at most "
+                                    f"{self._share()} of them exceed).")
+        moved = ("its statistics moved towards a normalization mistake, less than counts as drifting" if shift > 0 else
+                 "its statistics moved towards no normalization mistake")
+        moved += f" ({_vs('shift', shift, 'at most', t['drifting'])})"
+        if judged and channel_shift < t["channel"]:
+            evidence = _vs("channel shift", channel_shift, "below", t["channel"])
+            return read("drifting", f"Channel order looks swapped: {vs}, this panel's statistics changed the way "
+                                    f"exchanging red and blue changes them ({evidence}); otherwise {moved}.")
+        if judged:
+            channel = _channel_clause(channel_shift, t["channel"], "the correct panel's", "channel shift")
+        elif reference_channel is None or channel_shift is None:
+            channel = "; channel order was not judged (it needs the correct panel's channel-swapped twin)"
+        else:
+            channel = (f"; channel order was not judged: on this picture "
+                       f"{_channel_low(reference_channel, 'even the correct panel fits')} "
+                       f"({_vs('channel score', reference_channel, 'below', self.thresholds['channel'])})")
+        return read("ok", f"Inside the contract as far as the meter can tell: {vs}, {moved}{channel}.")
+
+    def panel_readings(self, features: torch.Tensor, reference_twin: torch.Tensor | None,
+                       reference: int = 0) -> list[MeterReading]:
+        """The app's readings of the panels of one picture, ``features`` ``(N, F)`` from one forward pass: row
+        ``reference`` (the correct panel, whose channel-swapped twin's features are ``reference_twin``, ``(F,)``)
+        by :meth:`reference_reading`, every other row against it by :meth:`paired_reading`."""
+        s = self.scores(features)
+        ref = features[reference:reference + 1]
+        ref_channel = None if reference_twin is None else self.channel_evidence(ref, reference_twin[None])
+        ref_channel = None if ref_channel is None else float(ref_channel[0])
+        shift = (s.per_mistake - s.per_mistake[reference]).max(dim=1).values
+        channel_shift = self.channel_evidence(features, ref)
+        t = self.paired_thresholds()
+        out = []
+        for i in range(len(features)):
+            if i == reference:
+                out.append(self.reference_reading(float(s.score[i]), ref_channel))
+            else:
+                out.append(self.paired_reading(float(s.score[i]), float(shift[i]),
+                                               None if channel_shift is None else float(channel_shift[i]), ref_channel, t))
+        return out
+
+
+def _num(x: float, decimals: int | None = None) -> str:
+    """A number in the meter's words: ``decimals`` decimals (default: 2, none from 100 on), thousands separated."""
+    return f"{x:,.{(0 if abs(x) >= 100 else 2) if decimals is None else decimals}f}"
+
+
+def _channel_low(channel: float, subject: str) -> str:
+    """What a channel score below its threshold says, true to its sign; ``subject`` with its verb ("it fits")."""
+    if channel < 0:
+        return f"{subject} the network better with red and blue exchanged"
+    return (f"{subject} the network's channel order less clearly than correctly preprocessed images do, as when red "
+            "and blue are exchanged in some of them")
+
+
+def _channel_clause(channel: float | None, threshold: float, than: str, name: str) -> str:
+    """The end of an "ok" reading about channel order, true to the sign of ``channel`` (not below ``threshold``)."""
+    if channel is None:
+        return "; channel order was not checked (it needs the channel-swapped twin)"
+    if channel >= 0:
+        return f", and the channel order fits at least as well as {than} ({_vs(name, channel, 'not below', threshold)})"
+    return (f"; the channel order fits slightly worse than {than}, not enough to call it swapped "
+            f"({_vs(name, channel, 'not below', threshold)})")
+
+
+def _vs(name: str, value: float, relation: str, threshold: float) -> str:
+    """"score 3.58, above 3.56": a number and the threshold it is compared with (:func:`_num`), with more decimals (up
+    to 6) where unequal numbers would look equal or a number's sign would not show, so the words never read "3.56,
+    above 3.56" nor call -0.00 negative."""
+    dv, dt = (0 if abs(x) >= 100 else 2 for x in (value, threshold))
+    while max(dv, dt) < 6 and ((value != threshold and round(value, dv) == round(threshold, dt))
+                               or (value != 0 and round(value, dv) == 0)):
+        dv = dt = max(dv, dt) + 1
+    return f"{name} {_num(value, dv)}, {relation} {_num(threshold, dt)}"
 
 
 def find_calibration(model: nn.Module, folder: str | Path | None = None) -> MeterCalibration:

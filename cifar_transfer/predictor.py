@@ -160,8 +160,10 @@ class Predictor:
         try:
             if isinstance(calibration, MeterCalibration):
                 calibration.check(self.model)
-                return calibration, None
-            return find_calibration(self.model, calibration), None
+            else:
+                calibration = find_calibration(self.model, calibration)
+            calibration.paired_thresholds()  # the panels are read against the correct one: it needs them
+            return calibration, None
         except CalibrationError as exc:
             log.warning("contract meter cannot judge: %s", exc)
             return None, str(exc)
@@ -174,14 +176,16 @@ class Predictor:
             return None
         rate = row["flag_rate"]
         if key == CORRECT_KEY:
-            words = (f"On correctly preprocessed held-out training images the meter raised a false alarm on "
-                     f"{100 * rate:.0f}% of single images.")
+            words = (f"The reference panel: the meter never calls it drifting or broken. It reads \"unusual\" when the "
+                     f"picture's own statistics fall beyond the thresholds, as {100 * rate:.0f}% of correctly "
+                     "preprocessed held-out training images did.")
         elif key == "bgr":
-            words = (f"Channel order is seen only by comparing the input with its channel-swapped twin: for this mistake "
-                     f"the meter flagged {100 * rate:.0f}% of single held-out training images, so an \"ok\" here is "
-                     "weaker evidence than for the other mistakes.")
+            words = (f"Channel order is seen only by its channel-order evidence against a channel-swapped input: reading "
+                     f"each image on its own, the meter flagged {100 * rate:.0f}% of single held-out training images "
+                     "with this mistake, so an \"ok\" here is weaker evidence than for the other mistakes.")
         else:
-            words = f"For this mistake the meter flagged {100 * rate:.0f}% of single held-out training images."
+            words = (f"Reading each image on its own (without a correct panel to compare with), the meter flagged "
+                     f"{100 * rate:.0f}% of single held-out training images with this mistake.")
         return {"flag_rate": rate, "words": words}
 
     @staticmethod
@@ -231,9 +235,13 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_pixels(self, pixels: torch.Tensor, keys: list[str]) -> Prediction:
-        """Classify ``(3, H, W)`` uint8 pixels under each contract in ``keys`` in one forward pass."""
+        """Classify ``(3, H, W)`` uint8 pixels under each contract in ``keys`` in one forward pass.
+
+        ``keys[0]`` must be the correct contract: its panel is the reference the meter judges the others against."""
+        if not keys or keys[0] != CORRECT_KEY:
+            raise VariantError(f"The first panel must be {CORRECT_KEY!r} (the meter's reference); got {shorten(keys)}.")
         batch = self.network_input(pixels, keys)
-        probs, readings = self._forward(batch)
+        probs, readings = self._panels(batch)
         seen = (to_display(batch, self.contract) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         lo, hi = self.contract.value_range()
         flat = batch.flatten(1)
@@ -247,52 +255,73 @@ class Predictor:
                 confidences={self.class_names[j]: round(float(probs[i, j]), 6) for j in order},
                 meter=dataclasses.replace(readings[i], reliability=self.reliability(key)), accuracy=self.accuracy.get(key), seen=seen[i],
                 input_range=(round(mins[i], 4), round(maxs[i], 4)), clipped=round(clipped[i], 4)))
-        return Prediction(results, warning=self._warn_if_broken(results[0].meter, "the correct contract"))
+        return Prediction(results, warning=self._warning(results[0].meter, "the correct contract"))
 
     @torch.inference_mode()
     def check_normalized(self, inputs: torch.Tensor) -> MeterReading:
-        """Meter reading of an already-normalized ``(N, 3, S, S)`` batch as a whole; warns when far outside the contract."""
-        _, _, meter = self._forward(inputs.to(self.model.device, torch.float32), pooled=True)
-        self._warn_if_broken(meter, "an input given as already normalized")
+        """Meter reading of an already-normalized ``(N, 3, S, S)`` batch as a whole (no reference: the absolute
+        reading, against the training images); warns when far outside the contract."""
+        inputs = inputs.to(self.model.device, torch.float32)
+        cal = self.calibration
+        if cal is None:
+            _, per_layer = self._run(inputs)
+            _, meter = self._first_layer(per_layer)
+        else:
+            n = len(inputs)
+            _, per_layer = self._run(torch.cat([inputs, channel_swap(inputs)]))
+            f = layer_features(self._bns, per_layer)
+            meter = cal.reading(*cal.batch_scores(cal.scores(f[:n], f[n:])), n_images=n)
+        self._warning(meter, "an input given as already normalized")
         return meter
 
-    def _forward(self, batch: torch.Tensor, pooled: bool = False):
-        """Softmax and the meter's readings (one per image; with ``pooled``, also one for the whole batch), one pass.
+    def _run(self, batch: torch.Tensor):
+        """Logits and the meter layers' per-image ``(mean, var)`` of ``batch``, one pass of the engine.
 
-        With a calibration, each input's channel-swapped twin rides in the same batch (the meter's channel check).
         Inputs that are exactly equal are computed once (:func:`distinct_rows`): under a contract with the same mean
-        and std for every channel the BGR panel's input is the correct panel's twin and the other way round.
-        """
-        n, cal = len(batch), self.calibration
-        if cal is not None:
-            batch = torch.cat([batch, channel_swap(batch)])
+        and std for every channel the BGR panel's input is the correct panel's channel-swapped twin."""
         unique, inverse = distinct_rows(batch)
         with self._lock:
             logits, stats = self.engine(unique)
         logits, stats = logits[inverse], stats[inverse]
         widths = [bn.num_features for bn in self._bns]
-        per_layer = list(zip(stats[:, 0].split(widths, dim=1), stats[:, 1].split(widths, dim=1)))
-        if cal is None:  # the first batch-norm layer's divergence, per image and over the whole batch
-            bn, (mean_b, var_b) = self._bns[0], per_layer[0]
-            mean_r, var_r = bn.running_mean.float().cpu(), bn.running_var.float().cpu()
-            d = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
-            readings = [first_layer_reading(float(v)) for v in d]
-            pooled_mean = mean_b.mean(0)  # equal-sized images: the batch's statistics from the per-image ones
-            pooled_var = var_b.mean(0) + mean_b.var(0, unbiased=False)
-            whole = first_layer_reading(float(gaussian_kl(pooled_mean, pooled_var, mean_r, var_r).mean()))
+        return logits, list(zip(stats[:, 0].split(widths, dim=1), stats[:, 1].split(widths, dim=1)))
+
+    def _first_layer(self, per_layer) -> tuple[list[MeterReading], MeterReading]:
+        """Without a calibration: the first batch-norm layer's divergence, per image and over the whole batch."""
+        bn, (mean_b, var_b) = self._bns[0], per_layer[0]
+        mean_r, var_r = bn.running_mean.float().cpu(), bn.running_var.float().cpu()
+        d = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
+        pooled_mean = mean_b.mean(0)  # equal-sized images: the batch's statistics from the per-image ones
+        pooled_var = var_b.mean(0) + mean_b.var(0, unbiased=False)
+        whole = first_layer_reading(float(gaussian_kl(pooled_mean, pooled_var, mean_r, var_r).mean()))
+        return [first_layer_reading(float(v)) for v in d], whole
+
+    def _panels(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[MeterReading]]:
+        """Softmax and the meter's reading of each panel of one picture, ``batch[0]`` the correct panel, one pass.
+
+        With a calibration, the correct panel's channel-swapped twin rides in the same pass (its own channel check)
+        and every other panel is read against the correct panel (:meth:`MeterCalibration.panel_readings`): what
+        the picture's content does to the statistics is the same in both and cancels."""
+        n, cal = len(batch), self.calibration
+        logits, per_layer = self._run(batch if cal is None else torch.cat([batch, channel_swap(batch[:1])]))
+        if cal is None:
+            readings, _ = self._first_layer(per_layer)
         else:
             f = layer_features(self._bns, per_layer)
-            s = cal.scores(f[:n], f[n:])
-            readings = [cal.reading(float(s.score[i]), float(s.channel[i])) for i in range(n)]
-            score, channel = cal.batch_scores(s)
-            whole = cal.reading(score, channel, n_images=n)
-        probs = logits[:n].float().softmax(1)
-        return (probs, readings, whole) if pooled else (probs, readings)
+            readings = cal.panel_readings(f[:n], f[n])
+        return logits[:n].float().softmax(1), readings
 
-    def _warn_if_broken(self, meter: MeterReading, what: str) -> str | None:
-        if meter.level != "broken":
+    def _warning(self, meter: MeterReading, what: str) -> str | None:
+        """A warning for input far from anything the model was trained on: a "broken" reading, or a correct panel
+        whose picture scores beyond the broken threshold (an unusual picture, not a preprocessing mistake)."""
+        cal = self.calibration
+        if meter.level == "broken":
+            message = (f"The input's statistics under {what} fall far outside the model's contract "
+                       f"(contract meter {meter.divergence:,.3g}); the predictions are unreliable.")
+        elif meter.level == "unusual" and cal is not None and meter.divergence > cal.thresholds["broken"]:
+            message = (f"This picture is far from anything the model was trained on, even under {what} "
+                       f"(contract meter {meter.divergence:,.3g}); the predictions are unreliable.")
+        else:
             return None
-        message = (f"The input's statistics under {what} fall far outside the model's contract "
-                   f"(contract meter {meter.divergence:,.3g}); the predictions are unreliable.")
         log.warning(message)
         return message

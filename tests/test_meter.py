@@ -127,12 +127,13 @@ def test_predictor_panels_carry_the_calibrated_reading_and_its_reliability(predi
     assert by_key["raw_0_255"].level == "broken"
     for key, m in by_key.items():
         d = m.to_dict()
-        assert {"divergence", "level", "colour", "words", "reliability", "channel_order"} <= set(d)
+        assert {"divergence", "level", "colour", "words", "reliability"} <= set(d)
         assert d["reliability"]["flag_rate"] == calibration.measured[key]["flag_rate"]
-    assert "channel-swapped twin" in by_key["bgr"].reliability["words"]
-    assert "false alarm" in by_key[CORRECT_KEY].reliability["words"]
-    if by_key[CORRECT_KEY].level == "ok":
-        assert "as far as the meter can tell" in by_key[CORRECT_KEY].words
+        # the correct panel is the reference (its own channel check); every other panel is read against it
+        assert ("channel_order" in d) == (key == CORRECT_KEY) and ("shift" in d) == (key != CORRECT_KEY), key
+    assert "channel-swapped input" in by_key["bgr"].reliability["words"]
+    assert "never calls it drifting or broken" in by_key[CORRECT_KEY].reliability["words"]
+    assert by_key[CORRECT_KEY].level == "ok" and "The reference" in by_key[CORRECT_KEY].words
 
 
 def test_check_batch_on_a_users_pipeline(embedded_model, example_pixels):
@@ -242,3 +243,51 @@ def test_layer_features_match_the_per_layer_definition():
     got = meter.layer_features(bns, stats)
     assert got.shape == (4, 9)
     torch.testing.assert_close(got, torch.stack(expected, dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_each_example_receives_the_level_its_panel_calls_for(predictor, example_pixels):
+    """The levels the app's panels RECEIVE on the 8 shipped examples (CIFAR-10 test images): the correct panel "ok",
+    every costly mistake flagged on every example (raw 0-255 "broken"), BGR on some (the paired channel check)."""
+    received = {}
+    for pixels in example_pixels:
+        for v in predictor.predict_pixels(pixels, [CORRECT_KEY, *WRONG_VARIANTS]).variants:
+            received.setdefault(v.key, []).append(v.meter.level)
+    assert received[CORRECT_KEY] == ["ok"] * 8
+    for key in COSTLY:
+        assert set(received[key]) <= {"drifting", "broken"}, (key, received[key])
+    assert received["raw_0_255"] == ["broken"] * 8
+    assert set(received["no_normalization"]) == {"drifting"}  # subtle: never "broken"
+    assert 3 <= received["bgr"].count("drifting") < 8 and "broken" not in received["bgr"]
+
+
+def test_an_unusual_picture_is_judged_against_its_correct_panel(calibration):
+    """Synthetic features of one picture's panels: content that moves every mistake's discriminant far up (the
+    correct panel's own score twice the drifting threshold), a wrong panel with that content plus one mistake's
+    shift, and one with that content only. Read on their own, all three are flagged; read against the correct
+    panel (as the app reads them), the correct one is "unusual", the mistake is flagged and the content alone is
+    "ok". Take the pairing out of panel_readings and the last one reads "drifting"."""
+    w = torch.tensor(calibration.directions, dtype=torch.float64)
+    centres = torch.tensor(calibration.centres, dtype=torch.float64)
+    scales = torch.tensor(calibration.scales, dtype=torch.float64)
+    inverse = torch.linalg.pinv(w)
+
+    def features(z: torch.Tensor) -> torch.Tensor:
+        """A feature vector whose standardized discriminant for each mistake is ``z``."""
+        return inverse @ (centres + scales * z)
+
+    t, paired = calibration.thresholds, calibration.paired_thresholds()
+    m = len(calibration.mistakes)
+    content = torch.full((m,), 2 * t["drifting"], dtype=torch.float64)
+    mistake = torch.zeros(m, dtype=torch.float64)
+    mistake[calibration.mistakes.index("cifar10_stats")] = paired["drifting"] + 1.0
+    panels = torch.stack([features(content), features(content + mistake), features(content + 0.1)])
+    wc = torch.tensor(calibration.channel_direction, dtype=torch.float64)
+    twin = panels[0] - wc * calibration.channel_scale / wc.dot(wc)  # the correct panel's channel score: +1
+    s = calibration.scores(panels)
+    assert torch.allclose(s.per_mistake[0], content) and (s.score > t["drifting"]).all()
+    assert [calibration.reading(float(v), None).level for v in s.score] == ["drifting"] * 3  # alone: all flagged
+    correct, wrong, content_only = calibration.panel_readings(panels, twin)
+    assert correct.level == "unusual" and correct.channel_order == pytest.approx(1.0)
+    assert "not its preprocessing" in correct.words
+    assert wrong.level in ("drifting", "broken") and wrong.shift == pytest.approx(paired["drifting"] + 1.0)
+    assert content_only.level == "ok" and content_only.shift == pytest.approx(0.1)
