@@ -147,7 +147,7 @@ def decode(source: Any, notes: list[str] | None = None, *, reduce_to: int | None
         raise ImageInputError("No image was given. Upload a photo, take one with the camera or paste one.")
     try:
         if isinstance(source, np.ndarray):
-            img = _from_array(source)
+            img = _from_array(source, notes)
         elif isinstance(source, Image.Image):
             img = source
         else:
@@ -162,7 +162,7 @@ def decode(source: Any, notes: list[str] | None = None, *, reduce_to: int | None
         if not tiff:
             orientation = _orientation(img, notes)  # after load: a PNG's EXIF may follow its pixels
         img = _upright(img, orientation, notes)
-        img = to_rgb(img)
+        img = to_rgb(img, notes)
         if reduce_to:
             factor = min(img.size) // reduce_to
             if factor >= 2:
@@ -189,6 +189,11 @@ _FORMAT_NAMES = {
     "FLI": "an FLI/FLC animation", "BLP": "a BLP texture",
 }
 _NO_NAMING = {"DIB"}  # its header check is too loose to name a file after it
+# TGA has no magic number at its start (TGA 2.0 adds a signature at the end; every TGA has the 18-byte header checked
+# here). An uncompressed true-colour TGA starts 00 00 02 00, exactly the signature of a Windows cursor (what Pillow's
+# CUR header check tests), so it is recognised before that table.
+_TGA_TYPES = {1: 1, 2: 1, 3: 1, 9: 0, 10: 0, 11: 0}  # image type: 1 if uncompressed (its pixels' size is known)
+_TGA_DEPTHS = (8, 15, 16, 24, 32)
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs")
 _METADATA_TOO_LARGE = ("The image's embedded metadata (a text or colour-profile chunk) is too large to read safely. "
                        "Please save the picture again without metadata, or send another one.")
@@ -256,8 +261,25 @@ def _other_format(data: bytes) -> str | None:
         return "an SVG drawing"
     if head.startswith((b"<!doctype html", b"<html", b"<head", b"<body", b"<script")):
         return "an HTML page"
+    if _is_tga(data):
+        return "a TGA (Targa) image"
     fmt = _header_format(data, (f for f in Image.OPEN if f not in ALLOWED_FORMATS and f not in _NO_NAMING))
+    if fmt in ("ICO", "CUR") and not int.from_bytes(data[4:6], "little"):
+        return None  # their 4-byte signature, but no image in the directory: not an icon (a TGA header's start?)
     return _FORMAT_NAMES.get(fmt, f"a {fmt} file") if fmt else None
+
+
+def _is_tga(data: bytes) -> bool:
+    """A TGA file: an 18-byte TGA header whose fields agree (colour-map type, image type, pixel depth, a non-empty
+    size and, uncompressed, enough bytes for its pixels)."""
+    if len(data) < 18:
+        return False
+    id_length, colour_map, kind, depth = data[0], data[1], data[2], data[16]
+    width, height = int.from_bytes(data[12:14], "little"), int.from_bytes(data[14:16], "little")
+    map_bytes = int.from_bytes(data[5:7], "little") * -(-data[7] // 8) if colour_map == 1 else 0
+    if colour_map not in (0, 1) or kind not in _TGA_TYPES or depth not in _TGA_DEPTHS or not width or not height:
+        return False
+    return not _TGA_TYPES[kind] or len(data) >= 18 + id_length + map_bytes + width * height * -(-depth // 8)
 
 
 def _unreadable(name: str, data: bytes) -> str:
@@ -297,26 +319,37 @@ def _too_many_pixels(size: tuple[int, int] | None) -> str:
             "(it could be a decompression bomb). Please send a smaller image.")
 
 
-def _from_array(arr: np.ndarray) -> Image.Image:
+def _from_array(arr: np.ndarray, notes: list[str] | None = None) -> Image.Image:
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))) or min(arr.shape[:2]) == 0:
         raise ImageInputError(f"An image array must be (H, W), (H, W, 3) or (H, W, 4); got shape {arr.shape}.")
     if arr.dtype != np.uint8:
-        arr = _to_uint8(arr.astype(np.float64))
+        arr = _to_uint8(arr.astype(np.float64), notes)
     return Image.fromarray(arr)
 
 
-def _to_uint8(values: np.ndarray) -> np.ndarray:
+def _to_uint8(values: np.ndarray, notes: list[str] | None = None) -> np.ndarray:
     """Scale 16-bit, 32-bit or float samples to 0..255 (floats in [0, 1] are read as fractions).
 
     NaN or infinite samples are refused: they have no colour, and scaling and
-    clipping them would silently give a black (or white) picture.
+    clipping them would silently give a black (or white) picture. Negative
+    samples (signed data: a measurement, a difference image) have no colour in
+    any of these scales either; clipping them to black would erase every
+    detail below zero without a word, so the range is stretched from its
+    lowest value (black) to its highest (white), as image viewers show such
+    data, and a note says so.
     """
     if not np.isfinite(values).all():
         raise ImageInputError("The image holds invalid pixel values (NaN or infinity), so its colours are undefined "
                               "and it cannot be classified. Please export it again as an ordinary 8- or 16-bit image.")
-    hi = float(values.max()) if values.size else 0.0
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo < 0:
+        if notes is not None:
+            notes.append(f"The image holds negative pixel values ({lo:.6g} to {hi:.6g}), which no image scale gives a "
+                         "colour: its range was stretched from black (lowest) to white (highest).")
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0  # one value everywhere: a uniform (black) picture
+        return np.rint((values - lo) * scale).astype(np.uint8)
     if hi <= 1.0:
         values = values * 255.0
     elif hi > 255.0:
@@ -365,13 +398,14 @@ def _upright(img: Image.Image, orientation: Any, notes: list[str]) -> Image.Imag
     return upright
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Convert any Pillow mode to 8-bit RGB: transparency composited on white, high bit depths scaled."""
+def to_rgb(img: Image.Image, notes: list[str] | None = None) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB: transparency composited on white, high bit depths scaled (a note in
+    ``notes`` when negative values had to be stretched, :func:`_to_uint8`)."""
     mode = img.mode
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32))).convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(img, dtype=np.float32), notes)).convert("RGB")
     if (mode == "P" and "transparency" in img.info) or mode in ("PA", "LA", "La", "RGBa"):
         img = img.convert("RGBA")
     if img.mode == "RGBA":

@@ -12,7 +12,8 @@ from PIL import Image
 from cifar_transfer import doctor
 from cifar_transfer.contract import CORRECT_KEY, MINUS_ONE_ONE
 from cifar_transfer.data import BatchLoader, _decode, load_dataset
-from cifar_transfer.images import decode, pixel_side, read_pixels, read_square, resize_side, square_pixels
+from cifar_transfer.images import (ImageInputError, decode, pixel_side, read_pixels, read_square, resize_side,
+                                   square_pixels)
 
 
 def awkward_png() -> bytes:
@@ -129,3 +130,69 @@ def test_a_huge_picture_is_reduced_the_same_way_on_every_path(tmp_path, predicto
     via_app = predictor.read(path)
     assert via_app.shape == (3, 32, 32)
     assert torch.equal(via_app, _decode(path, 32)) and torch.equal(via_app, read_square(arr, 32))
+
+
+# -- formats and sample values a visitor sends (issue 21) --------------------------------------------------------
+
+
+def _tga(mode: str, rle: bool, footer: bool) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (20, 10), 5).save(buf, "TGA", compression="tga_rle" if rle else None)
+    data = buf.getvalue()
+    assert data.endswith(b"TRUEVISION-XFILE.\x00")
+    return data if footer else data[:-26]  # TGA 1.0: no extension/developer offsets nor signature
+
+
+@pytest.mark.parametrize("mode, rle, footer", [("RGB", False, True), ("RGB", False, False), ("RGBA", True, True),
+                                               ("L", False, False), ("P", False, True), ("P", True, False)])
+def test_a_tga_file_is_named_tga_not_a_windows_cursor(tmp_path, predictor, mode, rle, footer):
+    """An uncompressed true-colour TGA starts 00 00 02 00, a Windows cursor's signature; TGA has no magic number."""
+    path = tmp_path / "picture.tga"
+    path.write_bytes(_tga(mode, rle, footer))
+    with pytest.raises(ImageInputError, match=r"^The file 'picture\.tga' is a TGA \(Targa\) image, a format this app "
+                                              r"does not read\. Please use a PNG"):
+        predictor.predict(path, [])
+
+
+def test_a_tga_header_without_its_pixels_names_no_format():
+    """An uncompressed 1000x1000 true-colour TGA header followed by 22 bytes is no TGA: nothing is named after it."""
+    header = bytes([0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0]) + (1000).to_bytes(2, "little") * 2 + bytes([24, 0])
+    with pytest.raises(ImageInputError, match=r"^The uploaded data is not an image this app can read\."):
+        decode(header + b"\x07" * 22)
+
+
+def test_icons_and_cursors_are_still_named_as_such():
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16)).save(buf, "ICO")
+    icon = buf.getvalue()
+    cursor = icon[:2] + b"\x02" + icon[3:]  # the same directory, resource type 2: a cursor
+    with pytest.raises(ImageInputError, match=r"a Windows icon \(ICO\) file"):
+        decode(icon)
+    with pytest.raises(ImageInputError, match=r"a Windows cursor \(CUR\) file"):
+        decode(cursor)
+
+
+def signed_tiff(values: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(values.astype(np.int32)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_negative_samples_of_an_int32_tiff_are_stretched_from_black_to_white_with_a_note(tmp_path, predictor):
+    """Not clipped to black without a word: -1000..1000 spans black..white, as an image viewer shows it."""
+    ramp = np.tile(np.linspace(-1000, 1000, 51), (8, 1))
+    notes: list[str] = []
+    grey = decode(signed_tiff(ramp), notes)[0, :, 0].astype(int)
+    assert grey[0] == 0 and grey[-1] == 255 and abs(grey[25] - 128) <= 1
+    assert np.all(np.diff(grey) > 0)  # every step of the ramp, the negative half included, stays visible
+    assert notes == ["The image holds negative pixel values (-1000 to 1000), which no image scale gives a colour: "
+                     "its range was stretched from black (lowest) to white (highest)."]
+    path = tmp_path / "signed.tiff"
+    path.write_bytes(signed_tiff(ramp))
+    assert predictor.predict(path, []).notes == notes  # what the app shows a visitor
+
+
+def test_non_negative_int32_samples_keep_their_scale_and_get_no_note():
+    notes: list[str] = []
+    grey = decode(signed_tiff(np.tile(np.linspace(0, 1000, 51), (8, 1))), notes)[0, :, 0]
+    assert notes == [] and grey[0] == 0 and grey[-1] == round(1000 / 257)  # 16-bit range: 1000 is dark, as before
