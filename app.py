@@ -27,8 +27,7 @@ import torch
 from starlette.middleware import Middleware
 
 from cifar_transfer.contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, variant_explanation, variant_title
-from cifar_transfer.experiment import build_experiment_tab
-from cifar_transfer.study import build_tab as build_study_tab
+from cifar_transfer.study_tab import build_experiment_tab, build_study_tab
 from cifar_transfer.gradio_inputs import PathCheckedImage, UncheckedChoices
 from cifar_transfer.http_limits import RequestLimits, limits_from_env
 from cifar_transfer.hub import resolve_checkpoint

@@ -5,9 +5,9 @@
 For each ``SIZE:FROZEN`` cut of EfficientNet-Lite0 (``FROZEN`` leading stages, stem counted as one):
 
 * prefix:  the frozen stages on ``SIZE`` px inputs, no gradients, batch 32 (the feature cache's batch), through
-           ONNX Runtime as ``train.FeatureCache`` runs them on a CPU;
+           ONNX Runtime as ``batches.FeatureCache`` runs them on a CPU;
 * train:   one SGD step (forward, backward, update) of the remaining stages + head on the prefix's output,
-           batch 128, channels-last, fp32, as ``train.CachedBatches`` feeds them;
+           batch 128, channels-last, fp32, as ``batches.CachedBatches`` feeds them;
 * eval:    the remaining stages' forward alone (the per-epoch evaluation on cached features).
 
 From those it prints the minutes one cached view of 50,000 images, one training epoch and one evaluation of
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from cifar_transfer.backbones import get_backbone
     from cifar_transfer.engine import make_engine
-    from cifar_transfer.train import Dist, TrainConfig, build_model, make_optimizer, train_step
+    from cifar_transfer.train import Dist, TrainConfig, build_model
+    from cifar_transfer.training import make_optimizer, train_step
 
     torch.set_num_threads(args.threads)
     state = get_backbone("efficientnet_lite0").pretrained_state_dict(args.backbone_weights)

@@ -16,6 +16,7 @@ import torch
 
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts, variant_title
+from .inference import class_probabilities
 
 
 # Images per evaluation batch. Small batches stay in the CPU cache: scoring the 10,000 test images with flip TTA at
@@ -53,10 +54,7 @@ def predict_logits(model, split, *, contract=None, device=None, batch_size: int 
     out = []
     for i in tqdm(range(0, len(split), batch_size), desc=desc, disable=not progress, leave=False):
         x = transform(split.images[i:i + batch_size].to(device))
-        logits = net(x).float().softmax(1)
-        if tta_flip:
-            logits = (logits + net(x.flip(3)).float().softmax(1)) / 2
-        out.append(logits.cpu())
+        out.append(class_probabilities(net, x, tta_flip).cpu())
     return torch.cat(out)
 
 

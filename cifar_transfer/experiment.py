@@ -7,7 +7,7 @@ Fine-tunes one backbone with the same budget and seed under the correct
 contract and under every wrong variant (training and evaluation consistent),
 then scores the correctly trained model under each wrong variant (the
 train/serve mismatch). Writes ``results.json`` and PNG plots to
-``results/experiment``; :func:`build_experiment_tab` shows them in the app.
+``results/experiment``; :func:`cifar_transfer.study_tab.build_experiment_tab` shows them in the app.
 """
 
 from __future__ import annotations
@@ -20,14 +20,27 @@ import math
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import data as data_mod
+from .backbones import BACKBONES, BackboneError, get_backbone
+from .batches import ImageBatches
+from .checkpoint import atomic_write_json
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
+from .data import DataError
+from .evaluate import predict_logits
+from .meter import BatchNormProbe, first_batchnorm, gaussian_kl
+from .model import CifarTransferModel
+from .runtime import environment_info
+from .study_report import save_png
+from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
 
 FORMAT = "cifar_transfer.experiment/1"
 # The shipped results in a checkout of the repository; installed (no pyproject.toml beside the package), the
@@ -116,51 +129,6 @@ def summary_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-# -- the app tab --------------------------------------------------------------------------
-
-
-def table_html(markdown_table: str) -> str:
-    """A Markdown table as HTML whose cells carry their column name (``data-label``): on a phone the
-    app's CSS shows each row as a card, every value next to its name."""
-    import html
-
-    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in markdown_table.strip().splitlines()]
-    head, body = rows[0], rows[2:]
-    cell = lambda tag, text, label="": f'<{tag}{label}>{html.escape(text)}</{tag}>'  # noqa: E731
-    return ("<table><thead><tr>" + "".join(cell("th", h, ' scope="col"') for h in head) + "</tr></thead><tbody>"
-            + "".join("<tr>" + "".join(cell("td", c, f' data-label="{html.escape(h)}"') for h, c in zip(head, r)) + "</tr>"
-                      for r in body) + "</tbody></table>")
-
-
-def build_experiment_tab(results_dir: Path | None = None) -> None:
-    """Add the experiment's plots and summary to the current ``gr.Blocks``/``gr.Tab`` context."""
-    import gradio as gr
-
-    folder = Path(results_dir or RESULTS_DIR)
-    gr.Markdown(
-        "### Training under wrong normalization\n"
-        "The same backbone fine-tuned with the same budget and seed under the correct contract and under each "
-        "wrong variant, and the correctly trained model served with the wrong preprocessing."
-    )
-    try:
-        results = load_results(folder)
-    except ExperimentError as exc:
-        gr.Markdown(f"No results to show yet: {exc}.")
-        return
-    for name, label in ((CURVES_NAME, "Training curves per preprocessing"), (ACCURACY_NAME, "Final accuracy")):
-        if (folder / name).is_file():
-            # The caption sits above the plot: Gradio's label chip and buttons would cover its title and legend.
-            gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
-            gr.Image(str(folder / name), type="filepath", label=label, show_label=False, interactive=False,
-                     buttons=[], alt_text=label, elem_classes="plot")
-    text, table = summary_markdown(results).split("\n\n| ", 1)
-    gr.Markdown(text)
-    gr.HTML(table_html("| " + table.split("\n\n", 1)[0]), elem_classes="exp-table")
-    if "\n\n" in table:
-        gr.Markdown(table.split("\n\n", 1)[1])
-    gr.Markdown(f"Reproduce: `{results.get('command') or COMMAND}`")
-
-
 # -- configuration ----------------------------------------------------------------------------
 
 
@@ -205,8 +173,6 @@ def _round(x: float, digits: int = 5) -> float | None:
 @torch.no_grad()
 def accuracy(model: nn.Module, split, contract: NormalizationContract, batch_size: int = 250) -> float:
     """Top-1 accuracy (eval mode) of ``model`` on ``split`` preprocessed with ``contract``."""
-    from .evaluate import predict_logits
-
     probs = predict_logits(model, split, contract=contract, device=torch.device("cpu"), batch_size=batch_size,
                            engine="pytorch")  # small splits, weights that change: no ONNX export
     return (probs.argmax(1) == split.labels).float().mean().item()
@@ -215,8 +181,6 @@ def accuracy(model: nn.Module, split, contract: NormalizationContract, batch_siz
 @torch.no_grad()
 def probe_inputs(model: nn.Module, pixels: torch.Tensor, contract: NormalizationContract) -> tuple[float, float]:
     """(median per-image first-BN divergence, mean norm of the pooled features the classifier sees), eval mode."""
-    from .meter import BatchNormProbe
-
     feats = []
     fc = model.classifier
     handle = fc.register_forward_pre_hook(lambda _m, args: feats.append(args[0].norm(dim=1)))
@@ -232,8 +196,6 @@ def probe_inputs(model: nn.Module, pixels: torch.Tensor, contract: Normalization
 
 def batch_divergence(probe, running_mean: torch.Tensor, running_var: torch.Tensor) -> float:
     """Mean per-image divergence of the batch the probe captured, against the given running statistics."""
-    from .meter import gaussian_kl
-
     x = probe.inputs[-1]
     d = gaussian_kl(x.mean(dim=(2, 3)), x.var(dim=(2, 3), unbiased=False), running_mean, running_var)
     return d.mean(dim=1).mean().item()
@@ -243,30 +205,15 @@ def batch_divergence(probe, running_mean: torch.Tensor, running_var: torch.Tenso
 
 
 def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: ExperimentConfig, label: str) -> tuple[nn.Module, dict]:
-    """Fine-tune a copy of ``initial`` with ``contract`` for training *and* validation; returns (model, record)."""
-    from tqdm.auto import tqdm
+    """Fine-tune a copy of ``initial`` with ``contract`` for training *and* validation; returns (model, record).
 
-    from . import data as data_mod
-    from .meter import BatchNormProbe, first_batchnorm
-    from .train import lr_at, make_optimizer, train_step
-
+    The engine's step loop (:func:`cifar_transfer.training.run_steps`) with a probe around every step: the
+    training batch's divergence at the first batch-norm layer, against the running statistics before the step."""
     torch.manual_seed(cfg.seed)
     model = copy.deepcopy(initial)
-    transform = contract.transform()
-    stages = list(model.stages)
-    n_frozen = min(cfg.freeze_stages, len(stages) - 1)
-    prefix, body = nn.Sequential(*stages[:n_frozen]), nn.Sequential(*stages[n_frozen:])
-    for p in prefix.parameters():
-        p.requires_grad_(False)
-    params = [p for p in body.parameters() if p.requires_grad]
-    opt = make_optimizer(body, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            x = prefix(x)
-        return body(x)
-
-    loss_fn = nn.CrossEntropyLoss()
+    cut = split_frozen(model, cfg.freeze_stages)
+    params = [p for p in cut.trainable.parameters() if p.requires_grad]
+    opt = make_optimizer(cut.trainable, "sgd", cfg.lr, cfg.weight_decay, cfg.momentum)
     bn = first_batchnorm(model)
     probe_pixels = ds.val.images[:256]
 
@@ -275,41 +222,36 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
               "initial_divergence": _round(d0), "initial_feature_norm": _round(f0),
               "steps": {"train_loss": [], "grad_norm": [], "divergence": [], "lr": []},
               "eval": {"step": [], "val_acc": []}, "collapsed_at": None}
-    loader = data_mod.BatchLoader(ds.train, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, drop_last=True)
-    if len(loader) == 0:
+    batches = ImageBatches(ds.train, contract.transform(), torch.device("cpu"), cfg.batch_size, cfg.seed)
+    if len(batches) == 0:
         raise ExperimentError(f"training set ({len(ds.train)} images) is smaller than one batch of {cfg.batch_size}")
+    s = record["steps"]
 
-    def batches():
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            yield from loader
-            epoch += 1
-
-    t0 = time.perf_counter()
-    bar = tqdm(zip(range(1, cfg.steps + 1), batches()), total=cfg.steps, desc=label, disable=not cfg.progress,
-               mininterval=2.0, dynamic_ncols=True)
-    for step, (xb, yb) in bar:
-        prefix.eval()
-        body.train()
-        lr = lr_at((step - 1) / cfg.steps, cfg.lr, cfg.warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
+    @contextmanager
+    def probed():
         running = bn.running_mean.clone(), bn.running_var.clone()
         with BatchNormProbe(model) as probe:
-            loss, _, norm = train_step(forward, transform(xb), yb, opt, loss_fn, norm_of=params)  # no step if not finite
-        s = record["steps"]
+            yield
+        s["divergence"].append(_round(batch_divergence(probe, *running)))
+
+    def after(step, lr, loss, _logits, norm, _y) -> bool:
         s["train_loss"].append(_round(loss.item()))
         s["grad_norm"].append(_round(norm))
-        s["divergence"].append(_round(batch_divergence(probe, *running)))
         s["lr"].append(_round(lr))
         if not (math.isfinite(loss.item()) and math.isfinite(norm)):
             record["collapsed_at"] = step  # loss or gradient is no longer a number: training has collapsed
-            break
+            return True
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record["eval"]["step"].append(step)
             record["eval"]["val_acc"].append(_round(accuracy(model, ds.val, contract)))
             bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{record['eval']['val_acc'][-1]:.3f}")
+        return False
+
+    t0 = time.perf_counter()
+    bar = tqdm(step_stream(batches, cfg.steps), total=cfg.steps, desc=label, disable=not cfg.progress,
+               mininterval=2.0, dynamic_ncols=True)
+    run_steps(cut.forward, bar, opt, nn.CrossEntropyLoss(), lambda step: lr_at((step - 1) / cfg.steps, cfg.lr, cfg.warmup),
+              start=1, cut=cut, norm_of=params, around=probed, after=after)  # no step if not finite
     bar.close()
     losses = [v for v in record["steps"]["train_loss"] if v is not None]
     tail = losses[-max(1, len(losses) // 10):] if losses else []
@@ -330,12 +272,8 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
 
 
 def load_data(cfg: ExperimentConfig):
-    from . import data as data_mod
-
     if not 0 < cfg.val_per_class < cfg.max_per_class:
         raise ExperimentError(f"--val-per-class ({cfg.val_per_class}) must be positive and below --max-per-class ({cfg.max_per_class})")
-    from .backbones import get_backbone
-
     ds = data_mod.load_dataset(cfg.data_dir, download=cfg.download, contract=get_backbone(cfg.backbone).contract,
                                max_per_class=cfg.max_per_class, max_test_per_class=1)
     return data_mod.split_validation(ds, cfg.val_per_class / cfg.max_per_class, seed=cfg.seed)
@@ -343,10 +281,6 @@ def load_data(cfg: ExperimentConfig):
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run every preprocessing with the same budget and seed; write results.json and the plots; return the results."""
-    from .checkpoint import atomic_write_json
-    from .model import CifarTransferModel
-    from .runtime import environment_info
-
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -403,7 +337,7 @@ def _smooth(values: list, window: int) -> tuple[list[int], list[float]]:
 
 def write_plots(results: dict, out: Path) -> list[Path]:
     """``curves.png`` (loss, validation accuracy, gradient norm, first-BN divergence per step) and ``accuracy.png``."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only plotting needs it (about a second to import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -461,18 +395,6 @@ def write_plots(results: dict, out: Path) -> list[Path]:
     return paths
 
 
-def save_png(fig, path: Path) -> Path:
-    """Write a matplotlib figure as a PNG (90 dpi), atomically; the plots of the experiment and the study."""
-    import io
-
-    from .checkpoint import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 # -- command line ---------------------------------------------------------------------------------
 
 
@@ -480,8 +402,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     d = ExperimentConfig()
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.experiment", description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
-    from .backbones import BACKBONES
-
     p.add_argument("--backbone", default=d.backbone, choices=sorted(BACKBONES), help="pretrained backbone (resnet* download their weights)")
     p.add_argument("--backbone-weights", metavar="FILE", help="local weights file <arch>-<sha256 prefix>.pth (offline ResNets)")
     p.add_argument("--data-dir", metavar="DIR", help="train/ + test/ class folders or cifar-10-batches-py; default: torchvision download")
@@ -530,9 +450,6 @@ def config_from_args(argv: list[str] | None = None) -> tuple[ExperimentConfig, b
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .backbones import BackboneError
-    from .data import DataError
-
     cfg, summary_only = config_from_args(argv)
     try:
         if summary_only:

@@ -20,13 +20,11 @@ import argparse
 import dataclasses
 import hashlib
 import io
-import math
 import os
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +34,14 @@ from torch import nn
 from . import data as data_mod
 from .cli import HelpFormatter
 from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError, get_backbone
-from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE, evaluate_variants, predict_logits
+from .batches import CachedBatches, FeatureCache, ImageBatches
+from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE, evaluate_variants
+from .inference import prefix_runner
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes
 from .contract import CORRECT_KEY, WRONG_VARIANTS
 from .model import CifarTransferModel, save_checkpoint
 from .runtime import environment_info, pick_device
+from .training import Cut, Schedule, make_optimizer, mixed_precision, split_frozen, train_one_epoch
 
 STATE_NAME = "train_state.pt"
 # Where a run writes without --output: under runs/ (git-ignored), never over the shipped checkpoints/.
@@ -237,103 +238,6 @@ def init_distributed(device_arg: str) -> Dist:
     return Dist(rank, world, local)
 
 
-# -- the trainer ---------------------------------------------------------------------
-
-
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: weight decay on weights, none on biases and norm scales (1-D)."""
-    decay, no_decay = [], []
-    for p in module.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(module: nn.Module, name: str, lr: float, weight_decay: float, momentum: float = 0.9):
-    """SGD (Nesterov) or AdamW over :func:`param_groups`: the one optimizer builder of train and the experiment."""
-    if name == "sgd":
-        return torch.optim.SGD(param_groups(module, weight_decay), lr=lr, momentum=momentum, nesterov=True)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups(module, weight_decay), lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}: sgd or adamw")
-
-
-def grad_norm(params) -> float:
-    """The L2 norm of all gradients together (0.0 when there are none)."""
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
-
-
-def train_step(forward, x: torch.Tensor, y: torch.Tensor, opt, loss_fn, *, scaler=None, amp_dtype=None,
-               norm_of=None) -> tuple[torch.Tensor, torch.Tensor, float | None]:
-    """One optimisation step, the one of train and the experiment: ``forward(x)`` under autocast
-    (``amp_dtype``), the loss, backward (scaled by ``scaler`` for fp16), then the step.
-
-    With ``norm_of`` (parameters) the gradients' norm is measured (unscaled) and returned, and a
-    non-finite loss or norm skips the step: the caller decides whether that is a collapse.
-    Returns ``(loss, logits, norm)``.
-    """
-    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = forward(x)
-        loss = loss_fn(logits.float(), y)
-    opt.zero_grad(set_to_none=True)
-    if scaler is None:
-        scaler = torch.amp.GradScaler(x.device.type, enabled=False)
-    scaler.scale(loss).backward()
-    norm = None
-    if norm_of is not None:
-        scaler.unscale_(opt)
-        norm = grad_norm(norm_of)
-        if not (math.isfinite(loss.item()) and math.isfinite(norm)):
-            return loss, logits, norm
-    scaler.step(opt)
-    scaler.update()
-    return loss, logits, norm
-
-
-def lr_at(progress: float, peak: float, warmup: float) -> float:
-    """Linear warm-up over the first ``warmup`` fraction, then cosine decay to zero."""
-    progress = min(max(progress, 0.0), 1.0)
-    if warmup > 0 and progress < warmup:
-        return peak * progress / warmup
-    t = (progress - warmup) / max(1e-8, 1 - warmup)
-    return peak * 0.5 * (1 + math.cos(math.pi * t))
-
-
-class FeatureCache:
-    """Frozen-prefix outputs for ``views`` augmented copies of a split, stored in fp16.
-
-    On a CPU the prefix runs through ONNX Runtime (``cifar_transfer/engine.py``; measured 6.7x
-    eager PyTorch on EfficientNet-Lite0's stem + 4 stages), exported once per input size and cached:
-    the frozen prefix is the same pretrained network in every run."""
-
-    def __init__(self, prefix: nn.Module, split: data_mod.Split, preprocess: nn.Module, device: torch.device,
-                 views: int, seed: int, batch_size: int, channels_last: bool, progress: bool, augment: bool,
-                 name: str = "train", input_size: int | None = None, engine: str = "auto"):
-        self.labels = split.labels
-        self.views: list[torch.Tensor] = []
-        from tqdm.auto import tqdm
-
-        run = prefix
-        if device.type == "cpu" and engine != "pytorch" and input_size:
-            from .engine import TorchEngine, make_engine
-
-            onnx = make_engine(prefix, [], input_size, prefer=engine)
-            if not isinstance(onnx, TorchEngine):
-                run = lambda x: onnx(x)[0]  # noqa: E731
-
-        for v in range(views):
-            loader = data_mod.BatchLoader(split, batch_size, augment=augment and v > 0, seed=seed + 1000 * v)
-            chunks = []
-            with torch.inference_mode():
-                for x, _ in tqdm(loader, desc=f"caching {name} features, view {v + 1}/{views}", disable=not progress, leave=False):
-                    x = preprocess(x.to(device))
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    chunks.append(run(x).to("cpu", torch.float16))
-            self.views.append(torch.cat(chunks))
-
-
 # -- a run, part by part ---------------------------------------------------------------
 #
 # train() -> run(): check_before_work, prepare_data, build_model, make_optimizer, (resume) load_train_state,
@@ -467,14 +371,22 @@ def prepare_data(cfg: TrainConfig, say=print) -> TrainData:
 
 @dataclass
 class Network:
-    """The model cut for fine-tuning: the frozen ``prefix`` (eval mode, no gradients), the ``trainable``
-    rest, and ``body``: the trainable rest as the optimiser sees it (DistributedDataParallel under torchrun)."""
+    """The model cut for fine-tuning (:func:`cifar_transfer.training.split_frozen`): the frozen ``prefix`` (eval
+    mode, no gradients), the ``trainable`` rest, and ``body``: the trainable rest as the optimiser sees it
+    (DistributedDataParallel under torchrun)."""
 
     model: CifarTransferModel
-    prefix: nn.Sequential
-    trainable: nn.Sequential
+    cut: Cut
     body: nn.Module
     device: torch.device
+
+    @property
+    def prefix(self) -> nn.Sequential:
+        return self.cut.prefix
+
+    @property
+    def trainable(self) -> nn.Sequential:
+        return self.cut.trainable
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of preprocessed images: the frozen prefix runs here, without gradients, then the body."""
@@ -495,15 +407,11 @@ def build_model(cfg: TrainConfig, classes: list[str], pretrained: dict, device: 
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    n_frozen = min(cfg.freeze_stages, len(model.stages) - 1)
-    prefix = nn.Sequential(*list(model.stages)[:n_frozen]).eval()
-    trainable = nn.Sequential(*list(model.stages)[n_frozen:])
-    for p in prefix.parameters():
-        p.requires_grad_(False)
-    body: nn.Module = trainable
+    cut = split_frozen(model, cfg.freeze_stages)
+    body: nn.Module = cut.trainable
     if dist.enabled:
-        body = nn.parallel.DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
-    return Network(model, prefix, trainable, body, device)
+        body = nn.parallel.DistributedDataParallel(body, device_ids=[device.index] if device.type == "cuda" else None)
+    return Network(model, cut, body, device)
 
 
 # -- what --resume continues from ----------------------------------------------------------
@@ -537,175 +445,38 @@ def load_train_state(path: Path, model: nn.Module, opt) -> TrainState:
     return TrainState(state["epoch"], state["history"], state["elapsed"])
 
 
-# -- batches: cached features or images, one interface ---------------------------------------
-#
-# A batch source has ``len()`` (steps per epoch), ``epoch(e)`` (exactly that many ``(x, y)`` batches on the
-# device, the same for the same ``e``: a resumed run sees the batches a straight one does), ``features``
-# (True: ``x`` is the frozen prefix's output, False: preprocessed images the prefix still has to run on),
-# and ``eval_accuracy`` (the per-epoch score on ``eval_name``, the held-out split seen the same way).
-
-
-class ImageBatches:
-    """Augmented (random crop + flip) training images, preprocessed on the device; a fresh shuffle, and
-    under torchrun a fresh shard per rank, every epoch."""
-
-    features = False
-
-    def __init__(self, train: data_mod.Split, evaluation: data_mod.Split, eval_name: str, preprocess: nn.Module,
-                 device: torch.device, batch_size: int, seed: int, dist: Dist | None = None):
-        dist = dist or Dist()
-        self.loader = data_mod.BatchLoader(train, batch_size, shuffle=True, augment=True, seed=seed, rank=dist.rank,
-                                           world_size=dist.world_size, drop_last=True)
-        self.evaluation, self.eval_name, self.preprocess, self.device = evaluation, eval_name, preprocess, device
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def epoch(self, epoch: int):
-        self.loader.set_epoch(epoch)
-        for xb, yb in self.loader:
-            yield self.preprocess(xb.to(self.device, non_blocking=True)), yb.to(self.device, non_blocking=True)
-
-    @torch.no_grad()
-    def eval_accuracy(self, net: Network, batch_size: int, tta_flip: bool) -> float:
-        """The whole model's accuracy on the held-out images (leaves the model in eval mode)."""
-        net.model.eval()
-        # PyTorch: the weights change every epoch, an ONNX export each time would cost more than it saves
-        logits = predict_logits(net.model, self.evaluation, device=self.device, batch_size=batch_size,
-                                tta_flip=tta_flip, engine="pytorch")
-        return (logits.argmax(1) == self.evaluation.labels).float().mean().item()
-
-
-class CachedBatches:
-    """Batches of cached frozen-prefix features (:class:`FeatureCache`): epoch ``e`` shuffles view
-    ``e mod views`` and flips each feature map horizontally with probability 1/2."""
-
-    features = True
-
-    def __init__(self, cache: FeatureCache, evaluation: FeatureCache | None, eval_name: str, device: torch.device,
-                 batch_size: int, seed: int):
-        self.cache, self.evaluation, self.eval_name = cache, evaluation, eval_name
-        self.device, self.batch_size, self.seed = device, batch_size, seed
-
-    def __len__(self) -> int:
-        return len(self.cache.labels) // self.batch_size
-
-    def epoch(self, epoch: int):
-        g = torch.Generator().manual_seed(self.seed * 7_919 + epoch)
-        feats = self.cache.views[epoch % len(self.cache.views)]
-        perm = torch.randperm(len(feats), generator=g)
-        for i in range(len(self)):
-            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            x = feats[idx].to(self.device, torch.float32)
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(3), x)
-            yield x, self.cache.labels[idx].to(self.device)
-
-    @torch.no_grad()
-    def eval_accuracy(self, net: Network, batch_size: int, tta_flip: bool) -> float:
-        """The trainable stages' accuracy on the cached held-out features (rank 0 only has them)."""
-        trainable, feats, labels = net.trainable, self.evaluation.views[0], self.evaluation.labels
-        trainable.eval()
-        correct = 0
-        for i in range(0, len(feats), batch_size):
-            x = feats[i:i + batch_size].to(self.device, torch.float32)
-            logits = trainable(x)
-            if tta_flip:
-                logits = logits.softmax(1) + trainable(x.flip(3)).softmax(1)
-            correct += (logits.argmax(1).cpu() == labels[i:i + batch_size]).sum().item()
-        trainable.train()
-        return correct / len(feats)
+# -- batches: cached features or images (cifar_transfer/batches.py) -------------------------------
 
 
 def make_batches(cfg: TrainConfig, data: TrainData, net: Network, dist: Dist, say=print) -> ImageBatches | CachedBatches:
     """This rank's batch source: cached features of a fixed shard (``--cache-features``), else images."""
     per_rank_batch = cfg.batch_size // dist.world_size
     if not cfg.cache_features:
-        batches = ImageBatches(data.dataset.train, data.eval_split, data.eval_name, net.model.preprocess, net.device,
-                               per_rank_batch, cfg.seed, dist)
+        batches = ImageBatches(data.dataset.train, net.model.preprocess, net.device, per_rank_batch, cfg.seed,
+                               rank=dist.rank, world_size=dist.world_size, evaluation=data.eval_split,
+                               eval_name=data.eval_name)
     else:
         shard = data.dataset.train
         if dist.enabled:
             shard = shard.subset(torch.arange(len(shard))[dist.rank::dist.world_size][: len(shard) // dist.world_size])
         t0 = time.perf_counter()
+        run_prefix = prefix_runner(net.prefix, cfg.input_size, cfg.engine)
         common = dict(device=net.device, seed=cfg.seed, batch_size=CACHE_BATCH, channels_last=cfg.channels_last,
-                      progress=cfg.progress and dist.main, input_size=cfg.input_size, engine=cfg.engine)
-        cache = FeatureCache(net.prefix, shard, net.model.preprocess, views=cfg.cache_views, augment=True, **common)
-        evaluation = FeatureCache(net.prefix, data.eval_split, net.model.preprocess, views=1, augment=False,
+                      progress=cfg.progress and dist.main)
+        cache = FeatureCache(run_prefix, shard, net.model.preprocess, views=cfg.cache_views, augment=True, **common)
+        evaluation = FeatureCache(run_prefix, data.eval_split, net.model.preprocess, views=1, augment=False,
                                   name=data.eval_name, **common) if dist.main else None
         say(f"cached {cfg.cache_views} view(s) of {len(shard)} images -> {tuple(cache.views[0].shape[1:])} "
             f"in {time.perf_counter() - t0:.0f}s")
-        batches = CachedBatches(cache, evaluation, data.eval_name, net.device, per_rank_batch, cfg.seed)
+        batches = CachedBatches(cache, net.device, per_rank_batch, cfg.seed, evaluation=evaluation,
+                                eval_name=data.eval_name)
     if len(batches) == 0:
         raise SystemExit(f"training set too small for --batch-size {cfg.batch_size}")
     return batches
 
 
-# -- the loop ----------------------------------------------------------------------------------
 
-
-@dataclass
-class Schedule:
-    """The learning rate of each step: :func:`lr_at` of the fraction of ``total_steps`` done or, with a
-    time budget, of the budget spent since ``start_s`` on ``clock`` if that is further along."""
-
-    peak: float
-    warmup: float
-    total_steps: int
-    budget_s: float | None = None
-    clock: Callable[[], float] = time.perf_counter
-    start_s: float = 0.0
-
-    def lr(self, step: int) -> float:
-        progress = step / self.total_steps
-        if self.budget_s:
-            progress = max(progress, (self.clock() - self.start_s) / (self.budget_s - self.start_s))
-        return lr_at(progress, self.peak, self.warmup)
-
-    def out_of_time(self) -> bool:
-        return bool(self.budget_s) and self.clock() >= self.budget_s
-
-
-@dataclass
-class EpochResult:
-    loss: float  # mean training loss over the epoch's samples
-    accuracy: float  # training accuracy
-    steps: int
-    out_of_time: bool  # the time budget ran out during the epoch
-
-
-def mixed_precision(amp: str, device: torch.device) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
-    """``--amp`` on ``device``: the autocast dtype (None: off) and the gradient scaler (active for fp16 on CUDA)."""
-    amp = amp if amp != "auto" else ("fp16" if device.type == "cuda" else "off")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-    return dtype, torch.amp.GradScaler(device.type, enabled=amp == "fp16" and device.type == "cuda")
-
-
-def train_one_epoch(forward, batches, opt, loss_fn, epoch: int, schedule: Schedule, *, scaler=None, amp_dtype=None,
-                    channels_last: bool = False, desc: str = "", progress: bool = False) -> EpochResult:
-    """One pass over ``batches.epoch(epoch)``, each step at ``schedule.lr(epoch * len(batches) + step)``
-    through :func:`train_step`; stops early when the schedule's time budget is spent."""
-    from tqdm.auto import tqdm
-
-    steps = len(batches)
-    bar = tqdm(batches.epoch(epoch), total=steps, desc=desc, disable=not progress, mininterval=1.0, dynamic_ncols=True)
-    loss_sum, correct, seen, done, out_of_time = 0.0, 0, 0, 0, False
-    for step, (x, y) in enumerate(bar):
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = schedule.lr(epoch * steps + step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss, logits, _ = train_step(forward, x, y, opt, loss_fn, scaler=scaler, amp_dtype=amp_dtype)
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen, done = seen + len(y), done + 1
-        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", lr=f"{lr:.4f}")
-        if schedule.out_of_time():
-            out_of_time = True
-            break
-    bar.close()
-    return EpochResult(loss_sum / max(seen, 1), correct / max(seen, 1), done, out_of_time)
+# -- the loop (cifar_transfer/training.py: run_steps, train_one_epoch) ----------------------------
 
 
 def fit(cfg: TrainConfig, dist: Dist, net: Network, opt, batches, state: TrainState, state_path: Path, clock: Clock,
@@ -727,9 +498,9 @@ def fit(cfg: TrainConfig, dist: Dist, net: Network, opt, batches, state: TrainSt
     epoch = state.epoch
     try:
         for epoch in range(state.epoch, cfg.epochs):
-            net.trainable.train()
             torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + dist.rank)  # dropout etc.: resumable per epoch
-            result = train_one_epoch(forward, batches, opt, loss_fn, epoch, schedule, scaler=scaler, amp_dtype=amp_dtype,
+            result = train_one_epoch(forward, batches, opt, loss_fn, epoch, schedule, cut=net.cut, scaler=scaler,
+                                     amp_dtype=amp_dtype,
                                      channels_last=cfg.channels_last, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                                      progress=cfg.progress and dist.main)
             train_time = clock()

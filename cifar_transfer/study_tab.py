@@ -1,0 +1,78 @@
+"""The app's page on training under wrong normalization: the full-scale study (:func:`build_study_tab`) and the
+quick experiment (:func:`build_experiment_tab`), read from their shipped results. ``app.py`` imports these;
+Gradio is imported here, beside the app, and nowhere in the modules that run or report the study.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from . import experiment
+from .study_report import summary_markdown, table_html
+from .study_results import DEFINITIONS, RESULTS_DIR, StudyError, read_cells
+
+
+def build_study_tab(results_dir: Path | None = None) -> bool:
+    """Add the study's plots, tables and verdicts to the current ``gr.Blocks``/``gr.Tab`` context.
+
+    Returns False (and adds nothing) when the folder holds no cells, so the caller can show something else."""
+    folder = Path(results_dir or RESULTS_DIR)
+    try:
+        cells = read_cells(folder)
+    except StudyError as exc:
+        gr.Markdown(f"The study's results cannot be read: {exc}.")
+        return True
+    if not cells:
+        return False
+    head, *rest = [b.strip() for b in summary_markdown(cells).split("\n\n") if b.strip()]
+    gr.Markdown("### The seed's claims at full scale\n"
+                "Every preprocessing trained on all 50,000 training images *and* tested the same way on all 10,000 "
+                "test images, in three regimes; the correctly trained model also served each wrong variant. "
+                + head)
+    for name, label in (("accuracy.png", "Test accuracy per regime and preprocessing"),
+                        ("curves.png", "Test-subset accuracy and training loss against step")):
+        if (folder / name).is_file():
+            gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
+            gr.Image(str(folder / name), type="filepath", label=label, show_label=False, interactive=False,
+                     buttons=[], alt_text=label, elem_classes="plot")
+    for block in rest:
+        if block.startswith("| claim"):
+            gr.Markdown("**Verdict per claim and regime** (computed from the cells above; seed "
+                        f"{min(c['seed'] for c in cells)})")
+            gr.HTML(table_html(block), elem_classes="exp-table")
+        elif block.startswith("|"):
+            gr.HTML(table_html(block), elem_classes="exp-table")
+        else:
+            gr.Markdown(block)
+    gr.Markdown("Definitions: " + "; ".join(f"*{k}*: {v}" for k, v in DEFINITIONS.items()))
+    return True
+
+
+def build_experiment_tab(results_dir: Path | None = None) -> None:
+    """Add the experiment's plots and summary to the current ``gr.Blocks``/``gr.Tab`` context."""
+    folder = Path(results_dir or experiment.RESULTS_DIR)
+    gr.Markdown(
+        "### Training under wrong normalization\n"
+        "The same backbone fine-tuned with the same budget and seed under the correct contract and under each "
+        "wrong variant, and the correctly trained model served with the wrong preprocessing."
+    )
+    try:
+        results = experiment.load_results(folder)
+    except experiment.ExperimentError as exc:
+        gr.Markdown(f"No results to show yet: {exc}.")
+        return
+    for name, label in ((experiment.CURVES_NAME, "Training curves per preprocessing"),
+                        (experiment.ACCURACY_NAME, "Final accuracy")):
+        if (folder / name).is_file():
+            # The caption sits above the plot: Gradio's label chip and buttons would cover its title and legend.
+            gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
+            gr.Image(str(folder / name), type="filepath", label=label, show_label=False, interactive=False,
+                     buttons=[], alt_text=label, elem_classes="plot")
+    text, table = experiment.summary_markdown(results).split("\n\n| ", 1)
+    gr.Markdown(text)
+    gr.HTML(table_html("| " + table.split("\n\n", 1)[0]), elem_classes="exp-table")
+    if "\n\n" in table:
+        gr.Markdown(table.split("\n\n", 1)[1])
+    gr.Markdown(f"Reproduce: `{results.get('command') or experiment.COMMAND}`")
