@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from cifar_transfer.backbones import get_backbone
     from cifar_transfer.engine import make_engine
-    from cifar_transfer.train import Dist, TrainConfig, build_model
+    from cifar_transfer.finetune import Dist, TrainConfig, build_model
     from cifar_transfer.training import make_optimizer, train_step
 
     torch.set_num_threads(args.threads)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_before = [round(x, 2) for x in os.getloadavg()]
     for cut in args.cuts:
         size, frozen = (int(v) for v in cut.split(":"))
-        # the cut, optimizer and step training uses (train.build_model / make_optimizer / train_step)
+        # the cut, optimizer and step training uses (finetune.build_model, training.make_optimizer / train_step)
         cfg = TrainConfig(backbone="efficientnet_lite0", input_size=size, freeze_stages=frozen, channels_last=True).resolved()
         net = build_model(cfg, [str(i) for i in range(10)], state, torch.device("cpu"), Dist(), say=lambda *_: None)
         engine = make_engine(net.prefix, [], size, prefer="auto", threads=args.threads)

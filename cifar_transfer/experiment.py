@@ -8,6 +8,14 @@ contract and under every wrong variant (training and evaluation consistent),
 then scores the correctly trained model under each wrong variant (the
 train/serve mismatch). Writes ``results.json`` and PNG plots to
 ``results/experiment``; :func:`cifar_transfer.study_tab.build_experiment_tab` shows them in the app.
+
+It trains with the study's engine (:mod:`cifar_transfer.training`: the same cut, optimizer, schedule and step
+loop; :class:`cifar_transfer.batches.ImageBatches`, the batches of the study's ``full`` regime) but is not a
+preset of :mod:`cifar_transfer.study`, because it measures other things: the first batch-norm layer's
+divergence of *every training batch* (a probe around each step), the gradient norm and the learning rate per
+step, on a validation split carved out of the training images rather than the test set, written as one
+``results.json`` that ``results/experiment`` ships and the app's tab reads. A study cell keeps binned series and
+probes the test set before and after training; folding one into the other would change what either reports.
 """
 
 from __future__ import annotations
@@ -337,7 +345,7 @@ def _smooth(values: list, window: int) -> tuple[list[int], list[float]]:
 
 def write_plots(results: dict, out: Path) -> list[Path]:
     """``curves.png`` (loss, validation accuracy, gradient norm, first-BN divergence per step) and ``accuracy.png``."""
-    import matplotlib  # here, not at the top: only plotting needs it (about a second to import)
+    import matplotlib  # here, not at the top: only plotting needs it, and the app imports this module to read results
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -261,7 +261,7 @@ def readme_table(cells: list[dict]) -> str:
 def write_plots(cells: list[dict], out: Path) -> list[Path]:
     """``accuracy.png`` (test accuracy with intervals per regime) and ``curves.png`` (test-subset accuracy and
     training loss against step, seed 0 or the lowest)."""
-    import matplotlib  # here, not at the top: only plotting needs it (about a second to import)
+    import matplotlib  # here, not at the top: only plotting needs it, and the app imports this module to read results
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

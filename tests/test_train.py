@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from cifar_transfer import batches as batches_mod
+from cifar_transfer import finetune
 from cifar_transfer import train as train_mod
 from cifar_transfer import training
 from cifar_transfer.evaluate import main as evaluate_main
@@ -246,7 +247,7 @@ def test_flip_tta_averages_each_image_with_its_mirror(embedded_model, example_im
     assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror is a different view, so TTA changes something
 
 
-# -- the parts of a run (train.run: prepare_data, build_model, make_batches, fit/train_one_epoch) ----------
+# -- the parts of a run (finetune.run: prepare_data, build_model, make_batches, fit/train_one_epoch) -------
 
 
 class ListBatches:
@@ -310,19 +311,19 @@ def test_train_state_round_trips(tmp_path):
     net = torch.nn.Linear(4, 3)
     opt = training.make_optimizer(net, "sgd", lr=0.1, weight_decay=0.0)
     training.train_step(net, torch.randn(8, 4), torch.randint(0, 3, (8,)), opt, torch.nn.CrossEntropyLoss())
-    state = train_mod.TrainState(epoch=2, history=[{"epoch": 1}, {"epoch": 2}], elapsed=12.5)
-    path = tmp_path / train_mod.STATE_NAME
-    train_mod.save_train_state(path, state, net, opt, train_mod.TrainConfig())
+    state = finetune.TrainState(epoch=2, history=[{"epoch": 1}, {"epoch": 2}], elapsed=12.5)
+    path = tmp_path / finetune.STATE_NAME
+    finetune.save_train_state(path, state, net, opt, train_mod.TrainConfig())
     saved = torch.load(path, weights_only=True)
     assert list(saved) == ["model", "optimizer", "epoch", "history", "elapsed", "config"]  # the file format
 
     other = torch.nn.Linear(4, 3)
     other_opt = training.make_optimizer(other, "sgd", lr=0.1, weight_decay=0.0)
-    assert train_mod.load_train_state(path, other, other_opt) == state
+    assert finetune.load_train_state(path, other, other_opt) == state
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
     assert other_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()  # momentum buffers too
     with pytest.raises(SystemExit, match="--resume: no saved state"):
-        train_mod.load_train_state(tmp_path / "missing.pt", other, other_opt)
+        finetune.load_train_state(tmp_path / "missing.pt", other, other_opt)
 
 
 def test_cached_batches_shuffle_a_view_per_epoch_flip_feature_maps_and_repeat_per_epoch():
@@ -354,13 +355,13 @@ def test_cached_and_image_batches_serve_the_same_run(tiny_data, tmp_path, monkey
     quiet = lambda *a, **k: None  # noqa: E731
     cfg = train_mod.TrainConfig(backbone="efficientnet_lite0", input_size=32, freeze_stages=3, batch_size=8,
                                 data_dir=str(tiny_data), progress=False, eval_batch_size=16).resolved()
-    data = train_mod.prepare_data(cfg, say=quiet)
+    data = finetune.prepare_data(cfg, say=quiet)
     assert data.eval_name == "test" and len(data.dataset.train) == 24
-    net = train_mod.build_model(cfg, data.dataset.classes, None, torch.device("cpu"), train_mod.Dist(), say=quiet)
+    net = finetune.build_model(cfg, data.dataset.classes, None, torch.device("cpu"), finetune.Dist(), say=quiet)
     assert len(net.prefix) == 3 and not any(p.requires_grad for p in net.prefix.parameters())
-    images = train_mod.make_batches(cfg, data, net, train_mod.Dist(), say=quiet)
-    cached = train_mod.make_batches(dataclasses.replace(cfg, cache_features=True, cache_views=2), data, net,
-                                    train_mod.Dist(), say=quiet)
+    images = finetune.make_batches(cfg, data, net, finetune.Dist(), say=quiet)
+    cached = finetune.make_batches(dataclasses.replace(cfg, cache_features=True, cache_views=2), data, net,
+                                    finetune.Dist(), say=quiet)
     assert isinstance(images, batches_mod.ImageBatches) and isinstance(cached, batches_mod.CachedBatches)
     assert len(images) == len(cached) == 3
     for source, forward in ((images, net.forward), (cached, net.body)):
@@ -385,3 +386,24 @@ def test_a_tiny_run_gives_the_pinned_numbers(name, tmp_path):
     pins.assert_matches(got, want, name)
     if pins.pinned()["platform"] == pins.platform_id():
         assert sha[0] == sha[1], "same platform, same weights bit for bit"
+
+
+def test_cached_feature_tta_averages_each_feature_map_with_its_horizontal_mirror():
+    """The per-epoch score on cached features with --tta-flip: the mirror is the width axis of (N, C, H, W)
+    feature maps, as for images; the labels here are what that TTA predicts, which a flip of the height axis
+    (or none) gets wrong for some samples."""
+    torch.manual_seed(0)
+    feats = torch.randn(64, 2, 3, 3)
+    trainable = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(18, 4))
+
+    def tta_labels(axis):
+        with torch.no_grad():
+            return (trainable(feats).softmax(1) + trainable(feats.flip(axis)).softmax(1)).argmax(1)
+
+    labels = tta_labels(3)
+    assert not torch.equal(labels, tta_labels(2)) and not torch.equal(labels, trainable(feats).argmax(1))
+    cache = type("Cache", (), {"views": [feats], "labels": labels})()  # a FeatureCache's fields
+    batches = batches_mod.CachedBatches(cache, torch.device("cpu"), 8, seed=0, evaluation=cache)
+    net = type("Net", (), {"trainable": trainable})()
+    assert batches.eval_accuracy(net, 16, tta_flip=True) == 1.0
+    assert batches.eval_accuracy(net, 16, tta_flip=False) < 1.0
