@@ -407,3 +407,16 @@ def test_cached_feature_tta_averages_each_feature_map_with_its_horizontal_mirror
     net = type("Net", (), {"trainable": trainable})()
     assert batches.eval_accuracy(net, 16, tta_flip=True) == 1.0
     assert batches.eval_accuracy(net, 16, tta_flip=False) < 1.0
+
+
+def test_split_frozen_cuts_where_asked_and_the_head_always_trains():
+    """The one frozen/trainable cut of train, the study and the experiment: -1 freezes every stage but the last."""
+    model = torch.nn.Module()
+    model.stages = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(4)))
+    for freeze, frozen in ((-1, 3), (0, 0), (2, 2), (9, 3)):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        cut = training.split_frozen(model, freeze)
+        assert len(cut.prefix) == frozen and len(cut.trainable) == 4 - frozen, freeze
+        assert not any(p.requires_grad for p in cut.prefix.parameters()) and not cut.prefix.training
+        assert all(p.requires_grad for p in cut.trainable.parameters())
