@@ -3,10 +3,13 @@
     python benchmarks/instrument_accuracy.py --data-dir ../shared/datasets/cifar10-jpeg [--per-class 50]
 
 On CIFAR-10 *test* images (the meter is calibrated on training images only), every image goes through
-every variant of the checkpoint's contract (as ``Predictor.predict_pixels`` builds them), with its
-channel-swapped twin in the same forward pass. Per variant: the share of single images, and of random
-batches of 8 and 32, that the meter does not read as "ok" (on ``correct``: false alarms), and the AUROC of
-the meter's statistic against ``correct``. The doctor: on random batches of 8, 32 and 128 test images, how
+every variant of the checkpoint's contract (as ``Predictor.predict_pixels`` builds them), with the channel-swapped
+twins of ``correct`` and ``bgr`` in the same forward pass. Per variant: the share of single images the app's
+reading flags ("drifting" or "broken": each wrong panel read against the correct panel of the same image,
+``MeterCalibration.panel_readings``; the correct panel, the reference, can only read "ok" or "unusual", whose
+share is reported), the share the absolute reading of the image alone flags (what ``check_batch`` and the doctor
+read; on ``correct``: false alarms), the share of random batches of 8 and 32 the absolute batch reading does not
+read as "ok", and the AUROC of the meter's statistic against ``correct``. The doctor: on random batches of 8, 32 and 128 test images, how
 often it names the declared contract first, how often it says "DISAGREES" (a confident wrong answer) and
 how often it is not sure. "before" columns: the first-batch-norm meter and doctor this replaced (same
 images). Results go to runs/instrument_accuracy/instrument_accuracy.json (written atomically; --output
@@ -145,14 +148,21 @@ def main(argv=None) -> None:
         score, channel = cal.batch_scores(s)
         return cal.reading(score, channel, len(idx)).level != "ok", s
 
+    keys = list(data)  # correct first, as the app's panels
+    panels = [cal.panel_readings(torch.stack([data[k]["f"][i] for k in keys]), data[CORRECT_KEY]["t"][i]) for i in range(n)]
+    app_levels = {k: np.array([p[j].level for p in panels]) for j, k in enumerate(keys)}
+
     old_d = {k: gaussian_kl(data[k]["m0"], data[k]["v0"], bn0.running_mean.float(), bn0.running_var.float()).mean(1).numpy()
              for k in data}
     s_correct = cal.scores(data[CORRECT_KEY]["f"], data[CORRECT_KEY]["t"])
     rows = {}
     for k in data:
         single, s = flags_new(k)
+        levels = app_levels[k]
         row = {"accuracy_cost_points": None if k == CORRECT_KEY or k not in accuracy else round(100 * (accuracy[CORRECT_KEY] - accuracy[k]), 1),
-               "single": float(single.mean()), "score_only": float((s.score.numpy() > cal.thresholds["drifting"]).mean()),
+               "single": float(np.isin(levels, ("drifting", "broken")).mean()), "single_unusual": float((levels == "unusual").mean()),
+               "single_levels": {v: int((levels == v).sum()) for v in sorted(set(levels))},
+               "single_alone": float(single.mean()), "score_only": float((s.score.numpy() > cal.thresholds["drifting"]).mean()),
                "channel_only": None if s.channel is None else float((s.channel.numpy() < cal.thresholds["channel"]).mean()),
                "twin_run": k in TWINS}
         for b in (8, 32):
@@ -197,7 +207,10 @@ def main(argv=None) -> None:
                                 "unsure_and_wrong_first": unsure / len(batches[b]), "before_names_declared_first": before_right / len(batches[b])}
     result = {"checkpoint": str(Path(args.checkpoint).relative_to(REPO)) if Path(args.checkpoint).resolve().is_relative_to(REPO) else args.checkpoint,
               "images": f"CIFAR-10 test split, {args.per_class} per class ({n}), seed {args.seed}; the calibration used training images only",
-              "batches_per_size": args.batches, "thresholds": cal.thresholds, "calibration": cal.derivation["images"],
+              "batches_per_size": args.batches, "thresholds": cal.thresholds, "paired_thresholds": cal.paired_thresholds(),
+              "calibration": cal.derivation["images"],
+              "single_reading": "the app's: each wrong panel against the correct panel of the same image; single_alone: "
+                                "the image alone against the training images",
               "command": "python benchmarks/instrument_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "wall_seconds": round(time.perf_counter() - t0, 1), "variants": rows, "doctor": doctor}
     out = Path(args.output)
@@ -211,14 +224,16 @@ def main(argv=None) -> None:
 
 def table(r: dict) -> str:
     pc = lambda v: f"{100 * v:.1f}%"  # noqa: E731
-    lines = ["| variant | accuracy cost | meter flags: single image (before → after) | batch of 8 (before → after) | "
-             "batch of 32 (before → after) | AUROC (before → after) |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| variant | accuracy cost | single image: the app's panel flagged (\"unusual\") | single image alone: first "
+             "layer → calibrated | batch of 8 (before → after) | batch of 32 (before → after) | AUROC (before → after) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for k, v in r["variants"].items():
         cost = "—" if v["accuracy_cost_points"] is None else f"{v['accuracy_cost_points']:.1f} pts"
         au = "—" if k == CORRECT_KEY else f"{v['before_auroc']:.3f} → {v['auroc']:.3f}"
         name = f"{k} (false alarms)" if k == CORRECT_KEY else k
-        lines.append(f"| {name} | {cost} | {pc(v['before_single'])} → {pc(v['single'])} | {pc(v['before_batch_8'])} → "
-                     f"{pc(v['batch_8'])} | {pc(v['before_batch_32'])} → {pc(v['batch_32'])} | {au} |")
+        app = pc(v["single"]) + (f" ({pc(v['single_unusual'])})" if k == CORRECT_KEY else "")
+        lines.append(f"| {name} | {cost} | {app} | {pc(v['before_single'])} → {pc(v['single_alone'])} | "
+                     f"{pc(v['before_batch_8'])} → {pc(v['batch_8'])} | {pc(v['before_batch_32'])} → {pc(v['batch_32'])} | {au} |")
     lines += ["", "| doctor, random batches of | names the declared contract first (before → after) | says DISAGREES | wrong first but says it is unsure |",
               "|---|---:|---:|---:|"]
     for b in (8, 32, 128):
