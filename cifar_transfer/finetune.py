@@ -136,7 +136,7 @@ def init_distributed(device_arg: str) -> Dist:
 
 # -- a run, part by part ---------------------------------------------------------------
 #
-# train() -> run(): check_before_work, prepare_data, build_model, make_optimizer, (resume) load_train_state,
+# train.train() -> run(): check_before_work, prepare_data, build_model, make_optimizer, (resume) load_train_state,
 # make_batches, fit (train_one_epoch + the batches' own evaluation, save_train_state per epoch),
 # sync_replicas, evaluate_on_test, final_metrics, write_checkpoint; publish_checkpoint at the edge.
 

@@ -14,9 +14,10 @@ from .engine import TorchEngine, make_engine
 def prefix_runner(prefix: nn.Module, input_size: int, engine: str = "auto"):
     """The frozen ``prefix`` as a function of preprocessed images: ONNX Runtime on a CPU (``engine.py``: exported
     once per weights and size, 3-7x eager PyTorch for EfficientNet-Lite0's prefix), the module itself (eval mode)
-    elsewhere, without onnxruntime, or when ``engine="pytorch"``."""
+    elsewhere, without onnxruntime, when ``engine="pytorch"`` or when the prefix is empty (nothing frozen)."""
     prefix.eval()
-    if next(prefix.parameters()).device.type == "cpu" and engine != "pytorch":
+    params = list(prefix.parameters())
+    if params and params[0].device.type == "cpu" and engine != "pytorch":
         run = make_engine(prefix, [], input_size, prefer=engine)
         if not isinstance(run, TorchEngine):
             return lambda x: run(x)[0]

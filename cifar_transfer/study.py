@@ -130,7 +130,8 @@ def _accuracy(logits_of, xs: torch.Tensor, labels: torch.Tensor, batch: int = 10
 
 def _score(acc: float, share: float, n: int) -> dict:
     lo, hi = wilson(round(acc * n), n)
-    return {"accuracy": round_sig(acc), "ci95": [round_sig(lo), round_sig(hi)], "n": n, "max_class_share": round_sig(share)}
+    return {"accuracy": round_sig(acc), "ci95": [round_sig(lo), round_sig(hi)], "n": n,
+            "max_class_share": round_sig(share)}
 
 
 def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regime: Regime, ds, cfg: StudyConfig,
@@ -151,7 +152,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         raise StudyError(f"the training set ({len(ds.train)} images) is smaller than one batch of {regime.batch_size}")
     cached = regime.views > 0
     if cached:  # the frozen prefix's outputs, kept float32 on the device (prefix batches of 1000 images)
-        run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine) if len(cut.prefix) else cut.prefix
+        run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
         common = dict(device=device, seed=seed, batch_size=1000, dtype=torch.float32, store=device)
         batches = CachedBatches(FeatureCache(run, ds.train, transform, views=regime.views, augment=True, **common),
                                 device, regime.batch_size, seed, flip=False)
@@ -327,7 +328,7 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
     for regime in cfg.regime_list():
         cut = split_frozen(copy.deepcopy(model), regime.freeze_stages)
         k, body = len(cut.prefix), cut.trainable
-        run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine) if k else cut.prefix
+        run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
 
         def features(n: int) -> torch.Tensor:
             with torch.no_grad():
