@@ -49,7 +49,7 @@ from .study_report import pct, summary_markdown, write_plots
 from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, RESULTS_DIR,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
                             read_cells, round_sig, wilson)
-from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream, train_step
+from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
 
 
 @dataclass
@@ -338,7 +338,7 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
         feats = features(regime.batch_size)
         opt = make_optimizer(body, "sgd", 1e-4, 0.0)
         y = torch.zeros(len(feats), dtype=torch.long, device=device)
-        step_s = timed(lambda: train_step(body, feats, y, opt, nn.CrossEntropyLoss()), steps)
+        step_s = timed(lambda: run_steps(body, [(feats, y)], opt, nn.CrossEntropyLoss(), lambda _: 1e-4), steps)
         n_steps = int(regime.epochs * cfg.epochs_scale * (n_train // regime.batch_size))
         cell = (n_steps * step_s + prefix_s * (n_train * regime.views + n_test)
                 + full_eval * (PROBE_IMAGES * 2) + (full_eval if not k else 0.0) * (n_test + CURVE_EVALS * CURVE_SUBSET))
