@@ -16,7 +16,7 @@ import torch
 
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts, variant_title
-from .inference import class_probabilities
+from .inference import class_probabilities, prefix_runner
 
 
 # Images per evaluation batch. Small batches stay in the CPU cache: scoring the 10,000 test images with flip TTA at
@@ -29,12 +29,10 @@ ENGINES = ("auto", "onnxruntime", "pytorch")  # see cifar_transfer/engine.py
 
 
 def network(model, device, engine: str = "auto"):
-    """``batch -> logits``: ONNX Runtime on a CPU (``auto``), else the PyTorch model itself."""
+    """``batch -> logits``: ONNX Runtime on a CPU (``auto``; :func:`~cifar_transfer.inference.prefix_runner`, which
+    runs the frozen prefixes of training too), else the PyTorch model itself."""
     if device.type == "cpu" and engine != "pytorch":
-        from .engine import make_engine
-
-        run = make_engine(model, [], model.contract.input_size, prefer=engine)
-        return lambda x: run(x)[0]
+        return prefix_runner(model, model.contract.input_size, engine)
     channels_last = next(model.parameters()).is_contiguous(memory_format=torch.channels_last)
     return lambda x: model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
