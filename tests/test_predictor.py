@@ -287,3 +287,29 @@ def test_each_panel_reports_the_values_it_fed_and_how_many_the_picture_clips(pre
     raw = by_key["raw_0_255"]
     assert raw.input_range[1] > 100 * hi and raw.clipped > 0.5  # raw 0-255 values: far outside, shown clipped
     assert by_key["no_normalization"].input_range[0] >= 0 and by_key["no_normalization"].clipped == 0
+
+
+def test_an_unusual_picture_reads_unusual_on_its_correct_panel_and_its_mistakes_stay_flagged(predictor):
+    """A flat red picture is unlike any CIFAR-10 training image: read alone, its correct panel would be "drifting".
+    In the app that panel is the reference: "unusual", in words that blame the picture, not the preprocessing;
+    the wrong panels, read against it, are still flagged."""
+    red = np.full((64, 64, 3), (200, 30, 30), dtype=np.uint8)
+    result = predictor.predict(red, list(WRONG_VARIANTS))
+    meters = {v.key: v.meter for v in result.variants}
+    correct = meters[CORRECT_KEY]
+    assert predictor.calibration.reading(correct.divergence, correct.channel_order).level == "drifting"  # alone
+    assert correct.level == "unusual" and "not its preprocessing" in correct.words
+    assert "Outside the contract" not in correct.words and result.warning is None
+    for key in ("no_normalization", "raw_0_255", "other_model_stats", "cifar10_stats", "normalized_twice"):
+        assert meters[key].level in ("drifting", "broken"), (key, meters[key].words)
+
+
+def test_a_picture_far_from_the_training_images_warns_about_the_picture(predictor, caplog):
+    from cifar_transfer.meter import COLOURS, MeterReading
+
+    far = predictor.calibration.thresholds["broken"] + 1
+    with caplog.at_level(logging.WARNING, logger="cifar_transfer.predictor"):
+        message = predictor._warning(MeterReading(far, "unusual", COLOURS["unusual"], "x"), "the correct contract")
+        assert predictor._warning(MeterReading(far - 2, "unusual", COLOURS["unusual"], "x"), "the correct contract") is None
+    assert message.startswith("This picture is far from anything the model was trained on") and "contract" in message
+    assert "outside the model's contract" not in message and [r.getMessage() for r in caplog.records] == [message]
