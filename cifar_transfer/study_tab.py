@@ -14,6 +14,15 @@ from .study_report import summary_markdown, table_html
 from .study_results import DEFINITIONS, RESULTS_DIR, StudyError, read_cells
 
 
+def show_plot(path: Path, label: str) -> None:
+    """A results PNG, if it is there, captioned ``label``. The caption sits above the plot: Gradio's label chip and
+    buttons would cover its title and legend."""
+    if path.is_file():
+        gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
+        gr.Image(str(path), type="filepath", label=label, show_label=False, interactive=False, buttons=[],
+                 alt_text=label, elem_classes="plot")
+
+
 def build_study_tab(results_dir: Path | None = None) -> bool:
     """Add the study's plots, tables and verdicts to the current ``gr.Blocks``/``gr.Tab`` context.
 
@@ -33,10 +42,7 @@ def build_study_tab(results_dir: Path | None = None) -> bool:
                 + head)
     for name, label in (("accuracy.png", "Test accuracy per regime and preprocessing"),
                         ("curves.png", "Test-subset accuracy and training loss against step")):
-        if (folder / name).is_file():
-            gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
-            gr.Image(str(folder / name), type="filepath", label=label, show_label=False, interactive=False,
-                     buttons=[], alt_text=label, elem_classes="plot")
+        show_plot(folder / name, label)
     for block in rest:
         if block.startswith("| claim"):
             gr.Markdown("**Verdict per claim and regime** (computed from the cells above; seed "
@@ -65,11 +71,7 @@ def build_experiment_tab(results_dir: Path | None = None) -> None:
         return
     for name, label in ((experiment.CURVES_NAME, "Training curves per preprocessing"),
                         (experiment.ACCURACY_NAME, "Final accuracy")):
-        if (folder / name).is_file():
-            # The caption sits above the plot: Gradio's label chip and buttons would cover its title and legend.
-            gr.Markdown(f"**{label}**", elem_classes=["caption", "plot-caption"])
-            gr.Image(str(folder / name), type="filepath", label=label, show_label=False, interactive=False,
-                     buttons=[], alt_text=label, elem_classes="plot")
+        show_plot(folder / name, label)
     text, table = experiment.summary_markdown(results).split("\n\n| ", 1)
     gr.Markdown(text)
     gr.HTML(table_html("| " + table.split("\n\n", 1)[0]), elem_classes="exp-table")
