@@ -29,7 +29,7 @@ HOLDS = {"above": lambda v, t: v > t, "beyond": lambda v, t: v > t, "below": lam
          "at most": lambda v, t: v <= t, "not below": lambda v, t: v >= t}
 #: phrases that claim a sign, and the sign they claim for the next named number after them
 SIGNS = {"better with red and blue exchanged": lambda v: v < 0, "less clearly": lambda v: v >= 0,
-         "at least as well as": lambda v: v >= 0, "slightly worse than": lambda v: v < 0,
+         "at least as well as": lambda v: v >= 0, "worse than": lambda v: v < 0, "better than": lambda v: v > 0,
          "changed the way exchanging red and blue changes them": lambda v: v < 0,
          "moved towards no normalization mistake": lambda v: v <= 0, "moved towards a normalization mistake": lambda v: v > 0}
 #: how each level's words begin
