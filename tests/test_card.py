@@ -150,7 +150,7 @@ def test_embedded_checkpoint_card_matches_its_files():
 
 
 def test_readme_timm_snippet_is_the_cards_tested_snippet():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "hub.md").read_text()
     card = render_model_card(config_for("efficientnet_lite0"), None)
     find = lambda text: re.search(r"```python\n(import timm.*?)```", text, re.S).group(1)  # noqa: E731
     assert find(readme) == find(card)  # test_card_snippets_run runs it

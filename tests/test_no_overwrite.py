@@ -172,8 +172,8 @@ def test_meter_refuses_to_replace_a_calibration_without_overwrite(ten_classes, s
 
 
 def readme_commands(prefix: str) -> list[str]:
-    """The README's command lines that start with ``prefix`` (comments cut)."""
-    text = (REPO / "README.md").read_text()
+    """The command lines of the README and its docs/ pages that start with ``prefix`` (comments cut)."""
+    text = "\n".join(p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))])
     return [line.split("  #")[0].strip() for line in text.splitlines() if line.startswith(prefix)]
 
 

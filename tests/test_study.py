@@ -207,7 +207,7 @@ def test_shipped_study_is_complete_for_seed_0_and_renders():
 
 
 def test_readme_carries_the_table_of_the_shipped_cells():
-    readme = (study_results.RESULTS_DIR.parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (study_results.RESULTS_DIR.parents[1] / "docs" / "study.md").read_text(encoding="utf-8")
     assert study_report.readme_table(study_results.read_cells(study_results.RESULTS_DIR)) in readme
 
 
