@@ -6,21 +6,36 @@
 
 A pretrained batch-norm layer remembers the mean and variance of its input over
 the pretraining data. The doctor feeds a batch of images through the network
-under every candidate normalization (the presets and the wrong variants of
-:mod:`cifar_transfer.contract`) and ranks them by the calibrated contract
-meter's misfit (:mod:`cifar_transfer.meter`: every batch-norm layer, and the
-paired channel-order check), averaged over the images. Its confidence is the
-share of bootstrap resamples of the images on which the winner stays first; it
-says "disagrees" only when that share is at least ``CONFIDENT`` with at least
-``MIN_IMAGES`` images, and otherwise asks for more images. A model without a
-meter calibration is ranked by the first batch-norm layer alone (the loud
-mistakes only). :func:`check_batch` checks a tensor your own pipeline produced.
+under every candidate normalization (the presets, the declared contract and the
+wrong variants of :mod:`cifar_transfer.contract`) and ranks them by the
+calibrated contract meter's misfit (:mod:`cifar_transfer.meter`: every
+batch-norm layer, and the paired channel-order check), averaged over the images.
+A model without a meter calibration is ranked by the first batch-norm layer
+alone, on the pictures no larger than they are: that layer reads an enlarged
+picture's blur as low contrast, which favours a larger gain.
+
+Images from a folder are drawn round-robin over its subfolders (seeded), not the
+first files in sorted order: folders are sorted by class more often than not,
+and one class's colours and contrast move the evidence. A candidate counts as
+*separated* from the first only when the first beats it on the evidence twice
+over: on at least ``CONFIDENT`` of bootstrap resamples (subfolders, then images
+within them), and by at least ``CONTENT_SPREAD`` standard deviations of the
+per-image differences (content, not only sampling, must not explain it).
+Channel order (the declared contract against its BGR twin) is judged on evidence
+with each picture's colour cast held fixed (:func:`colour_cast_exchanged`): a
+blue-sky folder otherwise "fits" BGR. The verdict: "DISAGREES" only when the
+declared contract is separated from the first, with at least ``MIN_IMAGES``
+images; "agrees" when every other candidate is; else "not sure", naming the
+candidates the images could not separate (often only the channel order). Batch-norm statistics never trained
+(running mean 0, variance 1) give "cannot judge". :func:`check_batch` checks a
+tensor your own pipeline produced.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +44,10 @@ from torch import nn
 
 from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
-from .images import IMAGE_EXTENSIONS, ImageInputError, pixel_side, read_square, resize_side
-from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
-                    meter_features)
+from .images import (IMAGE_EXTENSIONS, REDUCE_MARGIN, ImageInputError, decode, pixel_side, resize_side,
+                     square_pixels)
+from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, batchnorm_layers, find_calibration,
+                    first_layer_reading, meter_features)
 
 
 
@@ -46,9 +62,23 @@ def _examples_dir() -> Path:
 EXAMPLES_DIR = _examples_dir()
 #: Fewer images than this: the doctor ranks but asks for more and never says "disagrees".
 MIN_IMAGES = 8
-#: Share of bootstrap resamples on which the winner must stay first for a confident answer.
+#: Share of bootstrap resamples on which the first must beat a candidate for the two to count as separated.
 CONFIDENT = 0.95
 BOOTSTRAP = 400
+#: The first must also beat a candidate by this many standard deviations of the per-image differences, so that most
+#: single images agree: a folder of other content, as far from this one as its images are from each other, would
+#: still rank them the same. Sampling noise (the bootstrap) shrinks with more images; one class's colours and
+#: contrast do not. On CIFAR-10 *train* class folders (the design data; /tmp experiments, see the report of issue
+#: 20) the bare EfficientNet-Lite0's content-driven preferences reached 0.9 (channel order by colour cast: hence the
+#: cast-invariant channel evidence) and about 0.5 (scale); the shipped checkpoint's costly mistakes 1.4 and more.
+CONTENT_SPREAD = 1.0
+#: Running statistics within this of mean 0, variance 1 count as never trained (PyTorch's initial values).
+UNTRAINED_ATOL = 1e-6
+DEFAULT_SEED = 0
+#: Pixels: without a calibration pictures are read no larger than they are, but not below this (the total stride of
+#: EfficientNet and ResNet: a smaller input leaves the deepest layers no feature map).
+MIN_SIDE = 32
+DECLARED = "declared"
 
 
 class DoctorError(RuntimeError):
@@ -59,12 +89,14 @@ class DoctorError(RuntimeError):
 
 
 def candidate_contracts(reference: NormalizationContract) -> dict[str, NormalizationContract]:
-    """The presets, then every wrong variant of ``reference``; duplicates keep the first name.
+    """The presets, ``reference`` itself (as "declared", when no preset is it), then every wrong variant of
+    ``reference``; duplicates keep the first name.
 
     All candidates use ``reference.input_size`` and interpolation, so only the normalization differs.
     """
     out: dict[str, NormalizationContract] = {}
-    pool = [(name, c) for name, c in PRESETS.items()] + [(k, v.apply(reference)) for k, v in WRONG_VARIANTS.items()]
+    pool = ([(name, c) for name, c in PRESETS.items()] + [(DECLARED, reference)]
+            + [(k, v.apply(reference)) for k, v in WRONG_VARIANTS.items()])
     for name, contract in pool:
         contract = contract.replace(input_size=reference.input_size, interpolation=reference.interpolation)
         if not any(contract.same_normalization(seen) for seen in out.values()):
@@ -78,18 +110,33 @@ def aliases(name: str, candidates: dict[str, NormalizationContract], reference: 
     names = [n for n, c in PRESETS.items() if c.same_normalization(target)]
     names += [k for k, v in WRONG_VARIANTS.items() if v.apply(reference).same_normalization(target)]
     if reference.same_normalization(target):
-        names.append("declared")
+        names.append(DECLARED)
     return [n for n in dict.fromkeys(names) if n != name]
+
+
+class _Stop(Exception):
+    """Raised once the first batch-norm layer's input is captured: the rest of the network is not needed."""
+
+
+def _stop(_module, _args):
+    raise _Stop
 
 
 @torch.no_grad()
 def batch_divergence(model: nn.Module, normalized: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(divergence pooled over the batch, divergence per image) at the first batch-norm layer, eval mode."""
+    """(divergence pooled over the batch, divergence per image) at the first batch-norm layer, eval mode; the forward
+    pass stops at that layer."""
     was_training = model.training
     model.eval()
     try:
         with BatchNormProbe(model) as probe:
-            model(normalized)
+            handle = probe.bn.register_forward_pre_hook(_stop)  # after the probe's own hook: it captures first
+            try:
+                model(normalized)
+            except _Stop:
+                pass
+            finally:
+                handle.remove()
         return probe.divergence(per_image=False).item(), probe.divergence(per_image=True)
     finally:
         model.train(was_training)
@@ -112,20 +159,105 @@ def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibr
     return torch.maximum(s.score, -s.channel), calibration.reading(score, channel, len(normalized)).level
 
 
-def bootstrap_confidence(per_image: torch.Tensor, resamples: int = BOOTSTRAP, seed: int = 0) -> torch.Tensor:
-    """For ``(C, N)`` per-image misfits of C candidates: the share of image resamples on which each ranks first."""
-    c, n = per_image.shape
+def measure_all(model: nn.Module, batches: list[torch.Tensor],
+                calibration: MeterCalibration | None) -> list[tuple[torch.Tensor, str]]:
+    """:func:`misfits` of each of ``batches`` (equal sizes); calibrated, all through one :func:`meter_features` call
+    (one engine, not one per batch)."""
+    feats = [None] * len(batches)
+    if calibration is not None:
+        f, twin = meter_features(model, torch.cat(batches), calibration.layers)
+        n = len(batches[0])
+        feats = [(f[i * n:(i + 1) * n], twin[i * n:(i + 1) * n]) for i in range(len(batches))]
+    return [misfits(model, b, calibration, fe) for b, fe in zip(batches, feats)]
+
+
+def resample_weights(n: int, groups: list | None = None, resamples: int = BOOTSTRAP, seed: int = 0) -> torch.Tensor:
+    """``(resamples, n)`` bootstrap weights of ``n`` images: their subfolders drawn with replacement, then the images
+    within each drawn subfolder (``groups``: one label per image; None: one folder, a plain bootstrap of images)."""
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, n, (resamples, n), generator=g)
-    means = per_image.double()[:, idx].mean(dim=2)  # (C, resamples)
-    wins = torch.bincount(means.argmin(dim=0), minlength=c)
-    return wins.double() / resamples
+    codes = {v: i for i, v in enumerate(dict.fromkeys(groups))} if groups is not None else {None: 0}
+    labels = torch.tensor([codes[v] for v in groups]) if groups is not None else torch.zeros(n, dtype=torch.long)
+    k = len(codes)
+    folders = torch.zeros(resamples, k).scatter_add_(1, torch.randint(k, (resamples, k), generator=g), torch.ones(resamples, k))
+    weights = torch.zeros(resamples, n, dtype=torch.float64)
+    for f in range(k):
+        idx = torch.nonzero(labels == f).flatten()
+        draws = torch.randint(len(idx), (resamples, len(idx)), generator=g)
+        counts = torch.zeros(resamples, len(idx)).scatter_add_(1, draws, torch.ones(resamples, len(idx)))
+        weights[:, idx] = (counts * folders[:, f:f + 1]).double()
+    return weights
 
 
-def decide(names: list[str], per_image: torch.Tensor) -> tuple[list[int], float]:
+def first_shares(per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """For ``(C, N)`` per-image misfits of C candidates: the share of resamples (``weights``) on which each ranks first."""
+    means = per_image.double() @ weights.T / weights.sum(dim=1)  # (C, resamples)
+    return torch.bincount(means.argmin(dim=0), minlength=len(per_image)).double() / len(weights)
+
+
+def bootstrap_confidence(per_image: torch.Tensor, resamples: int = BOOTSTRAP, seed: int = 0,
+                         groups: list | None = None) -> torch.Tensor:
+    """For ``(C, N)`` per-image misfits of C candidates: the share of resamples (:func:`resample_weights`) on which
+    each ranks first."""
+    return first_shares(per_image, resample_weights(per_image.shape[1], groups, resamples, seed))
+
+
+def decide(names: list[str], per_image: torch.Tensor, groups: list | None = None) -> tuple[list[int], float]:
     """Order of candidates (best first, by mean misfit) and the confidence in the first (bootstrap share)."""
     order = per_image.double().mean(dim=1).argsort().tolist()
-    return order, float(bootstrap_confidence(per_image)[order[0]])
+    return order, float(bootstrap_confidence(per_image, groups=groups)[order[0]])
+
+
+def separated(margins: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For ``(K, N)`` per-image margins (a candidate's misfit minus the first's: positive where the first fits
+    better) and ``(R, N)`` bootstrap weights: (separated, share of resamples the first wins, effect size), per row.
+
+    Separated: the first wins on at least ``CONFIDENT`` of the resamples and by at least ``CONTENT_SPREAD``
+    standard deviations of the per-image margins."""
+    m = margins.double()
+    wins = ((m @ weights.T) > 0).double().mean(dim=1)
+    mean, sd = m.mean(dim=1), m.std(dim=1)
+    effect = torch.where(sd > 0, mean / sd.clamp_min(1e-300), torch.zeros_like(mean))
+    return (wins >= CONFIDENT) & (mean > 0) & (effect >= CONTENT_SPREAD), wins, effect
+
+
+def colour_cast_exchanged(pixels: torch.Tensor) -> torch.Tensor:
+    """``pixels`` (float) with the mean and standard deviation of the first and last channels exchanged, image by
+    image, each channel keeping its own pattern.
+
+    Read in the other channel order these pictures carry the originals' colour cast with red and blue's patterns
+    swapped, so :func:`channel_margins` compares the two channel orders at equal cast."""
+    x = pixels.double()
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)  # a flat channel keeps its (constant) value
+    swap = [2, 1, 0]
+    return ((x - mean) / std * std[:, swap] + mean[:, swap]).float()
+
+
+def channel_margins(own: torch.Tensor, twin: torch.Tensor, own_exchanged: torch.Tensor,
+                    twin_exchanged: torch.Tensor) -> torch.Tensor:
+    """Per image: how much better a contract's channel order fits than its twin's (the other order) with the colour
+    cast held fixed; positive: its own order.
+
+    ``own``/``twin``: misfits of the images under the contract and under its twin; ``*_exchanged``: of
+    :func:`colour_cast_exchanged` images. ``own`` and ``twin_exchanged`` see the same channel means and spreads in
+    each input channel, only the patterns differ; so do ``twin`` and ``own_exchanged``."""
+    return 0.5 * ((twin_exchanged - own) + (twin - own_exchanged))
+
+
+def untrained_layers(model: nn.Module, layers: list[int]) -> list[str]:
+    """Names of the batch-norm layers among ``layers`` (indices into :func:`cifar_transfer.meter.batchnorm_layers`)
+    whose running statistics are still PyTorch's initial ones, mean 0 and variance 1: nothing was measured into them.
+
+    ``num_batches_tracked`` is not asked alone: weights converted from another framework carry trained statistics
+    with a count of 0 (the bare ``efficientnet_lite0`` does)."""
+    bns = batchnorm_layers(model)
+    out = []
+    for i in layers:
+        name, bn = bns[i]
+        mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
+        if mean.abs().max() <= UNTRAINED_ATOL and (var - 1).abs().max() <= UNTRAINED_ATOL:
+            out.append(name)
+    return out
 
 
 @dataclass
@@ -135,82 +267,141 @@ class Score:
     divergence: float  # mean misfit over the images (lower fits better)
     aliases: list[str] = field(default_factory=list)
     level: str = ""
+    separated: bool = False  # the first fits clearly better (see ``separated``); False for the first itself
+    wins: float = 0.0  # share of bootstrap resamples on which the first beats it
+    effect: float = 0.0  # the first's mean per-image margin over it, in standard deviations of those margins
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "divergence": self.divergence, "aliases": self.aliases,
-                "level": self.level, "contract": self.contract.to_dict()}
+        return {"name": self.name, "divergence": self.divergence, "aliases": self.aliases, "level": self.level,
+                "separated": self.separated, "wins": self.wins, "effect": self.effect,
+                "contract": self.contract.to_dict()}
 
 
 @dataclass
 class DoctorReport:
     model: str
     declared: NormalizationContract | None
-    ranking: list[Score]  # best first
+    ranking: list[Score]  # best first; empty when the statistics cannot be judged
     n_images: int
     images: str
-    confidence: float = 1.0  # share of bootstrap resamples on which the best stays first
+    confidence: float = 1.0  # share of bootstrap resamples on which the best is first of all
     calibrated: bool = True
+    untrained: list[str] = field(default_factory=list)  # probed batch-norm layers whose statistics were never trained
 
     @property
-    def best(self) -> Score:
-        return self.ranking[0]
+    def best(self) -> Score | None:
+        return self.ranking[0] if self.ranking else None
+
+    @property
+    def unresolved(self) -> list[Score]:
+        """The first, and every candidate the images could not separate from it."""
+        return [s for i, s in enumerate(self.ranking) if i == 0 or not s.separated]
 
     @property
     def confident(self) -> bool:
-        return self.n_images >= MIN_IMAGES and self.confidence >= CONFIDENT
+        return bool(self.ranking) and self.n_images >= MIN_IMAGES and len(self.unresolved) == 1
 
     @property
     def close_runner_up(self) -> Score | None:
-        return None if self.confident or len(self.ranking) < 2 else self.ranking[1]
+        if self.confident or len(self.ranking) < 2:
+            return None
+        return self.unresolved[1] if len(self.unresolved) > 1 else self.ranking[1]
+
+    def _is_declared(self, s: Score) -> bool:
+        return self.declared is not None and self.declared.same_normalization(s.contract)
 
     @property
     def agrees_with_declared(self) -> bool | None:
-        """True: the best is the declared contract; False: confidently another; None: no declared one, or not sure."""
-        if self.declared is None:
+        """True: the declared contract ranks first; False: the first is separated from it (enough images); None: no
+        declared one, cannot judge, or not separated."""
+        if self.declared is None or not self.ranking:
             return None
-        if self.declared.same_normalization(self.best.contract):
+        if self._is_declared(self.best):
             return True
-        return False if self.confident else None
+        if self.n_images >= MIN_IMAGES and not any(self._is_declared(s) for s in self.unresolved):
+            return False
+        return None
+
+    @property
+    def verdict(self) -> str:
+        """"cannot judge", "DISAGREES", "agrees" (declared), "most likely" (none declared) or "not sure"."""
+        if not self.ranking:
+            return "cannot judge"
+        agrees = self.agrees_with_declared
+        if agrees is False:
+            return "DISAGREES"
+        if self.confident:
+            return "agrees" if agrees else "most likely"
+        return "not sure"
+
+    def _names(self, scores: list[Score]) -> str:
+        names = [s.name + (" (declared)" if self._is_declared(s) and s.name != DECLARED else "") for s in scores]
+        return " and ".join(names) if len(names) == 2 else ", ".join(names)
+
+    def headline(self) -> str:
+        """The verdict in one line."""
+        v = self.verdict
+        if v == "cannot judge":
+            return "cannot judge: these batch-norm statistics were never trained (running mean 0, variance 1)"
+        if v == "DISAGREES":
+            return (f"DISAGREES with the declared contract {self.declared.name!r}: these weights fit "
+                    f"{self._names(self.unresolved)} clearly better")
+        if v == "agrees":
+            return f"agrees with the declared contract {self.declared.name!r}: every other candidate fits clearly worse"
+        if v == "most likely":
+            return f"most likely {self.best.name}: every other candidate fits clearly worse"
+        if self.n_images < MIN_IMAGES:
+            return f"not sure: too few images ({self.n_images}); give at least {MIN_IMAGES}"
+        if self._channel_order_only():
+            return (f"not sure of the channel order: {self._names(self.unresolved)} fit these images alike; "
+                    "every other candidate fits clearly worse")
+        return (f"not sure: these images cannot separate {self._names(self.unresolved)}"
+                + ("; nothing contradicts the declared contract" if self.declared is not None else ""))
+
+    def _channel_order_only(self) -> bool:
+        """The images separate every candidate but two that differ in channel order alone."""
+        if len(self.unresolved) != 2:
+            return False
+        a, b = (s.contract for s in self.unresolved)
+        return a.channel_order != b.channel_order and a.same_normalization(b.replace(channel_order=a.channel_order))
 
     def to_dict(self) -> dict:
         return {"model": self.model, "images": self.images, "n_images": self.n_images,
-                "declared": self.declared.to_dict() if self.declared else None,
-                "most_likely": self.best.name, "agrees_with_declared": self.agrees_with_declared,
+                "declared": self.declared.to_dict() if self.declared else None, "verdict": self.verdict,
+                "headline": self.headline(), "most_likely": self.best.name if self.best else None,
+                "agrees_with_declared": self.agrees_with_declared, "unresolved": [s.name for s in self.unresolved],
                 "confidence": self.confidence, "confident": self.confident, "calibrated": self.calibrated,
+                "untrained_layers": self.untrained,
                 "close_runner_up": self.close_runner_up.name if self.close_runner_up else None,
                 "ranking": [s.to_dict() for s in self.ranking]}
 
     def format(self) -> str:
-        c = self.best.contract
-        what = "calibrated meter misfit" if self.calibrated else "first-BN log divergence"
-        lines = [f"model: {self.model}", f"images: {self.n_images} from {self.images}",
-                 f"score: mean {what} per image (lower fits better)", "",
-                 f"{'rank':>4}  {'candidate':<20} {'score':>12}  meter (whole batch)  also known as"]
+        lines = [self.headline(), f"model: {self.model}", f"images: {self.n_images} from {self.images}"]
+        if not self.ranking:
+            shown = ", ".join(self.untrained[:3]) + (f" and {len(self.untrained) - 3} more" if len(self.untrained) > 3 else "")
+            return "\n".join(lines + [f"never trained: {shown} (the batch-norm layers the doctor reads); no ranking"])
+        what = "calibrated meter misfit" if self.calibrated else "first batch-norm layer's log divergence"
+        lines += ["", f"{'rank':>4}  {'candidate':<18} {'score':>10}  {'separated':<16} {'meter (batch)':<13}  also known as"]
         for i, s in enumerate(self.ranking, start=1):
-            lines.append(f"{i:>4}  {s.name:<20} {s.divergence:>12.4g}  {s.level:<19}  {', '.join(s.aliases)}")
-        lines += ["", f"most likely: {self.best.name}: ((pixels/255*{c.pixel_scale:g})[{c.channel_order}] - {list(c.mean)}) "
-                      f"/ {list(c.std)}" + (f", applied {c.times}x" if c.times != 1 else ""),
-                  f"confidence: first on {100 * self.confidence:.0f}% of {BOOTSTRAP} bootstrap resamples of the images"]
-        if self.n_images < MIN_IMAGES:
-            lines.append(f"too few images ({self.n_images}): give at least {MIN_IMAGES} (32 for a confident answer on "
-                         "channel order) before trusting this ranking.")
-        elif not self.confident:
-            r = self.ranking[1]
-            lines.append(f"not confident: {r.name} comes first on some resamples"
-                         + (" (channel order is the hardest to see)" if {r.contract.channel_order, c.channel_order} == {"RGB", "BGR"} else "")
-                         + "; add more images.")
+            apart = "(first)" if i == 1 else f"{'yes' if s.separated else 'no'} ({s.effect:+.1f} sd)"
+            lines.append(f"{i:>4}  {s.name:<18} {s.divergence:>10.4g}  {apart:<16} {s.level:<13}  {', '.join(s.aliases)}")
+        c = self.best.contract
+        lines += ["", f"first: {self.best.name} = ((pixels/255*{c.pixel_scale:g})[{c.channel_order}] - {list(c.mean)}) / "
+                      f"{list(c.std)}" + (f", applied {c.times}x" if c.times != 1 else ""),
+                  f"score: mean {what} per image (lower fits better); first on {100 * self.confidence:.0f}% of "
+                      f"{BOOTSTRAP} bootstrap resamples (subfolders, then images)",
+                  f"separated: the first fits better on {100 * CONFIDENT:.0f}%+ of the resamples and by {CONTENT_SPREAD:g}+ "
+                  "standard deviations (sd) of the per-image differences; channel order with each picture's colour "
+                  "cast held fixed"]
         if not self.calibrated:
-            lines.append("note: no meter calibration for this model; ranked by the first batch-norm layer alone, which "
-                         "sees raw 0-255 pixels but barely the subtler mistakes (channel order not at all).")
-        if self.declared is not None:
-            agrees = self.agrees_with_declared
-            verdict = ("agrees with" if agrees else "DISAGREES with" if agrees is False
-                       else "is not sure enough to contradict")
-            lines.append(f"this {verdict} the declared contract {self.declared.name!r}")
+            lines.append("note: no meter calibration for this model: ranked by the first batch-norm layer alone, on the "
+                         "pictures no larger than they are (value range and contrast; channel order only by colour).")
         return "\n".join(lines)
 
 
 def _calibration_or_none(model: nn.Module, calibration: MeterCalibration | None) -> MeterCalibration | None:
+    if not batchnorm_layers(model):
+        raise DoctorError("the model has no batch-norm layer; the doctor reads batch-norm statistics")
     if calibration is not None:
         calibration.check(model)
         return calibration
@@ -221,28 +412,46 @@ def _calibration_or_none(model: nn.Module, calibration: MeterCalibration | None)
 
 
 def diagnose(model: nn.Module, pixels: torch.Tensor, *, reference: NormalizationContract | None = None,
-             name: str = "model", images: str = "given batch", calibration: MeterCalibration | None = None) -> DoctorReport:
-    """Rank candidate normalizations of RGB ``pixels`` (N, 3, H, W, 0..255) by mean meter misfit, best first."""
+             name: str = "model", images: str = "given batch", calibration: MeterCalibration | None = None,
+             groups: list | None = None, seed: int = DEFAULT_SEED) -> DoctorReport:
+    """Rank candidate normalizations of RGB ``pixels`` (N, 3, H, W, 0..255) by mean meter misfit, best first, and
+    mark those the images separate from the first. ``groups``: each image's subfolder (the bootstrap draws
+    subfolders, then images); ``seed``: the bootstrap's."""
     _check_pixels(pixels)
+    if groups is not None and len(groups) != len(pixels):
+        raise DoctorError(f"groups names {len(groups)} subfolders for {len(pixels)} images")
     declared = getattr(model, "contract", None)
     reference = reference or declared
     if reference is None:
         raise DoctorError("the model declares no contract; pass reference= (e.g. contract.IMAGENET) to set the input size")
     cal = _calibration_or_none(model, calibration)
+    never = untrained_layers(model, cal.layers if cal is not None else [0])
+    if never:
+        return DoctorReport(name, declared, [], len(pixels), images, 0.0, cal is not None, never)
+    if cal is None:  # the first batch-norm layer reads an enlarged picture's blur as low contrast: not enlarged
+        reference = reference.replace(input_size=min(reference.input_size, max(pixels.shape[-2:])))
     candidates = candidate_contracts(reference)
     names = list(candidates)
+    own = next(i for i, c in enumerate(candidates.values()) if c.same_normalization(reference))
+    twin_contract = WRONG_VARIANTS["bgr"].apply(reference)
+    twin = next(i for i, c in enumerate(candidates.values()) if c.same_normalization(twin_contract))
+    exchanged = colour_cast_exchanged(pixels)
     batches = [c.transform()(pixels.float()) for c in candidates.values()]
-    feats = [None] * len(batches)
-    if cal is not None:  # every candidate through one meter_features call: one engine, not one per candidate
-        f, twin = meter_features(model, torch.cat(batches), cal.layers)
-        n = len(pixels)
-        feats = [(f[i * n:(i + 1) * n], twin[i * n:(i + 1) * n]) for i in range(len(batches))]
-    measured = [misfits(model, b, cal, fe) for b, fe in zip(batches, feats)]
-    per_image = torch.stack([m for m, _ in measured])
-    order, confidence = decide(names, per_image)
+    batches += [candidates[names[own]].transform()(exchanged), candidates[names[twin]].transform()(exchanged)]
+    measured = measure_all(model, batches, cal)
+    per_image = torch.stack([m for m, _ in measured[:len(names)]])
+    weights = resample_weights(len(pixels), groups, BOOTSTRAP, seed)
+    order = per_image.double().mean(dim=1).argsort().tolist()
+    first = order[0]
+    margins = per_image.double() - per_image[first].double()
+    if first in (own, twin):  # own order against the other, at equal colour cast
+        channel = channel_margins(per_image[own], per_image[twin], measured[-2][0], measured[-1][0]).double()
+        margins[twin if first == own else own] = channel if first == own else -channel
+    apart, wins, effect = separated(margins, weights)
     scores = [Score(names[i], candidates[names[i]], float(per_image[i].mean()), aliases(names[i], candidates, reference),
-                    measured[i][1]) for i in order]
-    return DoctorReport(name, declared, scores, len(pixels), images, confidence, cal is not None)
+                    measured[i][1], bool(apart[i]) and i != first, float(wins[i]), float(effect[i])) for i in order]
+    return DoctorReport(name, declared, scores, len(pixels), images, float(first_shares(per_image, weights)[first]),
+                        cal is not None)
 
 
 def _check_pixels(pixels: torch.Tensor) -> None:
@@ -251,7 +460,6 @@ def _check_pixels(pixels: torch.Tensor) -> None:
         raise DoctorError(f"expected a (N, 3, H, W) batch of RGB pixels, got {shape}")
     if len(pixels) < 2:
         raise DoctorError("need at least 2 images to estimate batch statistics")
-
 
 # -- checking a user's own batch ------------------------------------------------------------------
 
@@ -335,27 +543,63 @@ def check_batch(model: nn.Module, normalized_batch: torch.Tensor, calibration: M
 # -- images ---------------------------------------------------------------------------------------
 
 
-def load_images(folder: str | Path, size: int, max_images: int = 64,
-                contract: NormalizationContract | None = None) -> torch.Tensor:
-    """Up to ``max_images`` images under ``folder`` (recursively, sorted) as ``(N, 3, size, size)`` uint8.
+def pick_images(folder: str | Path, max_images: int = 64, seed: int = DEFAULT_SEED) -> list[tuple[Path, str]]:
+    """Up to ``max_images`` image files under ``folder`` (recursively), each with its subfolder (relative to
+    ``folder``; "." for its own files), sorted by path.
 
-    Read by the one image pipeline (:func:`cifar_transfer.images.read_square`: EXIF orientation, alpha on white, ...,
-    then ``contract``'s resize policy at ``size``; default: centre crop, bilinear): the pixels the dataset stores
-    and the app reads for the same files at that size.
+    Drawn round-robin over the subfolders, in a seeded order, each subfolder's files in a seeded order: a folder
+    sorted by class gives every class its share, where its first files in sorted order would all be one class.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise DoctorError(f"image folder not found: {folder}")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())[:max_images]
-    if len(paths) < 2:
-        raise DoctorError(f"{folder} holds {len(paths)} image(s) ({', '.join(IMAGE_EXTENSIONS)}); the doctor needs at least 2")
-    pixels = []
+    groups: dict[str, list[Path]] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            groups.setdefault(p.parent.relative_to(folder).as_posix(), []).append(p)
+    rng = random.Random(seed)
+    queues = {g: rng.sample(files, len(files)) for g, files in groups.items()}
+    turn = rng.sample(sorted(queues), len(queues))
+    picked: list[tuple[Path, str]] = []
+    while len(picked) < max_images and any(queues.values()):
+        for g in turn:
+            if queues[g] and len(picked) < max_images:
+                picked.append((queues[g].pop(), g))
+    if len(picked) < 2:
+        raise DoctorError(f"{folder} holds {len(picked)} image(s) ({', '.join(IMAGE_EXTENSIONS)}); the doctor needs at least 2")
+    return sorted(picked)
+
+
+def describe_pick(folder: str | Path, picked: list[tuple[Path, str]], seed: int) -> str:
+    """Where :func:`pick_images`'s images came from, for the report ("... from 10 folders of DIR ...")."""
+    n = len({g for _, g in picked})
+    return f"{n} folders of {folder} (drawn round-robin, seed {seed})" if n > 1 else f"{folder} (seed {seed})"
+
+
+def read_images(paths: list[Path], size: int, contract: NormalizationContract | None = None,
+                enlarge: bool = True) -> torch.Tensor:
+    """``paths`` as ``(N, 3, size, size)`` uint8, read by the one image pipeline (:func:`cifar_transfer.images.decode`,
+    then :func:`cifar_transfer.images.square_pixels` with ``contract``'s resize policy; default: centre crop,
+    bilinear): with ``enlarge``, the pixels the dataset stores and the app reads for the same files at that size.
+
+    ``enlarge=False``: ``size`` is lowered to the smallest picture's shorter side (not below ``MIN_SIDE``), so no
+    picture is enlarged (see :func:`diagnose`: the first batch-norm layer reads enlarged pictures' blur as low contrast).
+    """
+    decoded = []
     for p in paths:
         try:
-            pixels.append(read_square(p, size, contract))
+            decoded.append(decode(p, reduce_to=REDUCE_MARGIN * size))
         except ImageInputError as exc:
             raise DoctorError(f"cannot read image {p}: {exc}") from None
-    return torch.stack(pixels)
+    if not enlarge:
+        size = max(MIN_SIDE, min(size, *(min(a.shape[:2]) for a in decoded)))
+    return torch.stack([square_pixels(a, size, contract) for a in decoded])
+
+
+def load_images(folder: str | Path, size: int, max_images: int = 64, contract: NormalizationContract | None = None,
+                seed: int = DEFAULT_SEED, enlarge: bool = True) -> torch.Tensor:
+    """:func:`pick_images`'s images under ``folder``, read by :func:`read_images`, in path order."""
+    return read_images([p for p, _ in pick_images(folder, max_images, seed)], size, contract, enlarge)
 
 
 def procedural_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -372,10 +616,11 @@ def procedural_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tenso
     return (x.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def builtin_images(size: int, contract: NormalizationContract | None = None) -> tuple[torch.Tensor, str]:
+def builtin_images(size: int, contract: NormalizationContract | None = None,
+                   enlarge: bool = True) -> tuple[torch.Tensor, str]:
     """The app's example images (:data:`EXAMPLES_DIR`) when present, else procedural ones."""
     if EXAMPLES_DIR.is_dir() and len([p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]) >= 2:
-        return load_images(EXAMPLES_DIR, size, contract=contract), f"the built-in examples ({EXAMPLES_DIR})"
+        return load_images(EXAMPLES_DIR, size, contract=contract, enlarge=enlarge), f"the built-in examples ({EXAMPLES_DIR})"
     return procedural_images(size=size), "16 procedurally generated images"
 
 
@@ -400,7 +645,8 @@ def _load(ref: str, backbone_weights: str | None = None):
     """(model, name, side, checkpoint folder or None): :func:`load_model_and_side`, and where the checkpoint lies."""
     from .backbones import BACKBONES
     from .checkpoint import read_metrics
-    from .hub import REPO_ID, resolve_checkpoint
+    from .hub import resolve_checkpoint
+    from .hub_refs import REPO_ID
     from .model import CifarTransferModel
 
     if Path(ref).is_dir() or (ref not in BACKBONES and REPO_ID.match(ref)):
@@ -430,9 +676,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
                    help="a backbone name (e.g. efficientnet_lite0), a checkpoint folder or a Hub repo id (any timm classifier)")
-    p.add_argument("images", metavar="IMAGES_DIR", nargs="?", help="folder of images (searched recursively); default: built-in examples")
+    p.add_argument("images", metavar="IMAGES_DIR", nargs="?",
+                   help="folder of images (searched recursively); default: built-in examples")
     p.add_argument("--backbone-weights", metavar="FILE", help="local weights file <arch>-<sha256 prefix>.pth (ResNets offline)")
-    p.add_argument("--max-images", type=int, default=64, help="use at most this many images from IMAGES_DIR")
+    p.add_argument("--max-images", type=int, default=64,
+                   help="use at most this many images from IMAGES_DIR, drawn round-robin over its subfolders")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="which images are drawn, and the bootstrap")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
@@ -446,11 +695,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("error: --max-images must be at least 2")
     try:
         model, name, size, folder = _load(args.model, args.backbone_weights)
+        cal = _calibration_or_none(model, checkpoint_calibration(model, folder))
+        groups = None
         if args.images:
-            pixels, source = load_images(args.images, size, args.max_images, model.contract), str(args.images)
+            picked = pick_images(args.images, args.max_images, args.seed)
+            pixels = read_images([p for p, _ in picked], size, model.contract, enlarge=cal is not None)
+            groups, source = [g for _, g in picked], describe_pick(args.images, picked, args.seed)
         else:
-            pixels, source = builtin_images(size, model.contract)
-        report = diagnose(model, pixels, name=name, images=source, calibration=checkpoint_calibration(model, folder))
+            pixels, source = builtin_images(size, model.contract, enlarge=cal is not None)
+        report = diagnose(model, pixels, name=name, images=source, calibration=cal, groups=groups, seed=args.seed)
     except (DoctorError, BackboneError, CheckpointError, CalibrationError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())

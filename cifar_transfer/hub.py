@@ -7,21 +7,13 @@ and the returned note says which was used, and why.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
-
 from .checkpoint import CALIBRATION_NAME, CARD_NAME, CONFIG_NAME, METRICS_NAME, PRETRAINED_CFG_SOURCE, WEIGHTS_NAME, CheckpointError
+from .hub_refs import HubUnavailable, could_be_repo_id, describe_hub_error, hub_unreachable
 from .model import CifarTransferModel, load_checkpoint
 
-REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CHECKPOINT_FILES = [WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CARD_NAME, CALIBRATION_NAME]  # those present
-
-
-class HubUnavailable(RuntimeError):
-    """Neither the Hub nor the Hugging Face cache could provide the checkpoint; the message says why."""
 
 
 def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Path | None = None
@@ -46,16 +38,6 @@ def resolve_checkpoint(ref: str, revision: str | None = None, fallback: str | Pa
                           f"Hub or its cache: {reason}")
 
 
-def could_be_repo_id(ref: str) -> bool:
-    """Whether ``ref`` could name a Hub repo, ``USER/NAME`` as the Hub spells them; if not, it can only be a local path
-    (``./x``, ``/x``, ``~/x``, ``a/b/c``, a bare name...)."""
-    try:
-        validate_repo_id(ref)
-    except HFValidationError:
-        return False
-    return bool(REPO_ID.match(ref))
-
-
 def _loaded(folder: Path, note: str) -> tuple[CifarTransferModel, str]:
     """Load ``folder``; for another project's timm classifier the note names where its contract and labels came from."""
     model = load_checkpoint(folder)
@@ -78,57 +60,3 @@ def _from_hub(ref: str, revision: str | None) -> tuple[Path, str]:
     except Exception as exc:  # noqa: BLE001 - not cached, or cached only in part
         raise HubUnavailable(f"{why}, and {describe_hub_error(exc)}") from exc
     return Path(folder), f"loaded from the Hugging Face cache ({why})"
-
-
-def hub_unreachable(ref: str, revision: str | None = None, token: str | bool | None = None) -> str | None:
-    """Why the Hub cannot be asked about ``ref`` now (offline mode, unreachable, a server error); ``None`` when it
-    answers. One request, without the client's retries (a download retries a dead connection 5 times, about 30 s).
-    A Hub that answers there is no such repository or revision raises that: a wrong name is not a reason to use a
-    stale cache."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    if constants.is_offline_mode():
-        return "offline mode, HF_HUB_OFFLINE=1"
-    try:
-        HfApi(token=token).repo_info(ref, revision=revision)
-    except (RepositoryNotFoundError, RevisionNotFoundError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - unreachable, timeout, server error
-        return describe_hub_error(exc)
-    return None
-
-
-def describe_hub_error(exc: BaseException) -> str:
-    """One line saying what went wrong talking to the Hub (never includes credentials)."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
-    if isinstance(exc, HubUnavailable):
-        return str(exc)
-    if isinstance(exc, OfflineModeIsEnabled):
-        return "offline mode, HF_HUB_OFFLINE=1"
-    if isinstance(exc, RepositoryNotFoundError):
-        return "the repository does not exist, or is private and the token cannot read it"
-    if isinstance(exc, RevisionNotFoundError):
-        return "the repository has no such revision"
-    if isinstance(exc, LocalEntryNotFoundError):
-        return "it is not (completely) in the Hugging Face cache"
-    if isinstance(exc, HfHubHTTPError):
-        status = exc.response.status_code if exc.response is not None else "?"
-        return f"HTTP {status} from {constants.ENDPOINT}: {exc.server_message or str(exc).strip().splitlines()[0]}"
-    if _is_connection_error(exc):
-        return f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({type(exc).__name__})"
-    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
-
-
-def _is_connection_error(exc: BaseException) -> bool:
-    kinds: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
-    try:
-        import httpx2  # the HTTP client huggingface_hub 2 uses
-
-        kinds += (httpx2.TransportError,)
-    except ImportError:
-        pass
-    return isinstance(exc, kinds)

@@ -28,6 +28,7 @@ from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import 
     read_metrics, timm_label_names,
 )
 from .contract import ContractError, NormalizationContract
+from .hub_refs import could_be_repo_id, describe_hub_error, hub_unreachable
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -223,7 +224,6 @@ class CifarTransferModel(
         used. When neither gives it, the error says so, and that there is no local folder of that name either."""
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-        from .hub import could_be_repo_id, describe_hub_error, hub_unreachable  # here: hub imports this module
 
         ref = str(pretrained_model_name_or_path)
         local = os.path.expanduser(ref)

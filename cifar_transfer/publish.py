@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from .card import render_model_card
-from .hub import REPO_ID, describe_hub_error
+from .hub_refs import REPO_ID, describe_hub_error
 from .checkpoint import CALIBRATION_NAME, CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, read_config, read_metrics
 
 UPLOADED = (WEIGHTS_NAME, CONFIG_NAME, METRICS_NAME, CALIBRATION_NAME)  # those present; plus the card, rendered for the repo
