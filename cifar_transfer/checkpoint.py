@@ -18,17 +18,24 @@ keys, and ``model.safetensors``. Its contract is what timm itself would apply,
 derived from ``pretrained_cfg`` (:func:`contract_from_pretrained_cfg`).
 
 Both ``model.py`` (writing, loading) and ``card.py`` (the card) use this module;
-it imports neither.
+it imports neither. It also says which of a folder's files belong to which weights
+(:func:`fingerprint`, :func:`set_aside_stale_calibration`), so that writing new weights
+never leaves the meter's calibration of the old ones behind.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from torch import nn
 
 from .backbones import BackboneError, backbone_for_architecture
 from .contract import ContractError, NormalizationContract
@@ -376,3 +383,46 @@ def _safetensors_header(path: Path, size: int) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
     tensors.pop("__metadata__", None)
     return tensors
+
+
+# -- what in a folder belongs to which weights ------------------------------------------
+
+
+def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
+    """Every ``BatchNorm2d`` of ``model`` in ``model.modules()`` order, with its name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def fingerprint(model: nn.Module) -> dict:
+    """What a calibration is keyed to: the batch-norm layers' count, widths and running statistics."""
+    layers = batchnorm_layers(model)
+    h = hashlib.sha256()
+    for _, bn in layers:
+        for t in (bn.running_mean, bn.running_var):
+            # rounded, so that a dtype round-trip or a re-save of the same weights still matches
+            h.update(np.round(t.detach().float().cpu().numpy().astype(np.float64), 4).tobytes())
+    return {"batchnorm_layers": len(layers), "widths": [bn.num_features for _, bn in layers],
+            "running_stats_sha256": h.hexdigest()}
+
+
+def set_aside_stale_calibration(model: nn.Module, folder: str | Path, log=print) -> Path | None:
+    """Before new weights are written to ``folder``: unless its calibration was made for ``model`` (the same
+    :func:`fingerprint`, the rule the meter's ``MeterCalibration.check`` applies), rename it atomically to
+    ``meter_calibration.stale-<UTC time>.json``, where nothing looks for it; an unreadable one too. Returns the new path."""
+    path = Path(folder) / CALIBRATION_NAME
+    if not path.is_file():
+        return None
+    try:
+        if json.loads(path.read_text()).get("fingerprint") == fingerprint(model):
+            return None
+    except (OSError, ValueError, AttributeError):  # unreadable, or not a calibration at all: it fits nothing
+        pass
+    stamp, n = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), 1
+    aside = path.with_name(f"{path.stem}.stale-{stamp}.json")
+    while aside.exists():  # never over an earlier one of the same second
+        n += 1
+        aside = path.with_name(f"{path.stem}.stale-{stamp}-{n}.json")
+    os.replace(path, aside)
+    log(f"moved {path} aside to {aside.name}: it was made for other weights (rebuild it with python -m "
+        f"cifar_transfer.meter {folder} --data-dir DATA)")
+    return aside

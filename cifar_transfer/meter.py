@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CALIBRATION_NAME
+from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint
 
 # First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
 # CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
@@ -171,23 +171,6 @@ FEATURES = ("log_kl", "shift", "log_var_ratio")  # per layer, in this order (see
 
 class CalibrationError(RuntimeError):
     """No calibration, or one made for another model; the message says what to do."""
-
-
-def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
-    """Every ``BatchNorm2d`` of ``model`` in ``model.modules()`` order, with its name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-
-
-def fingerprint(model: nn.Module) -> dict:
-    """What a calibration is keyed to: the batch-norm layers' count, widths and running statistics."""
-    layers = batchnorm_layers(model)
-    h = hashlib.sha256()
-    for _, bn in layers:
-        for t in (bn.running_mean, bn.running_var):
-            # rounded, so that a dtype round-trip or a re-save of the same weights still matches
-            h.update(np.round(t.detach().float().cpu().numpy().astype(np.float64), 4).tobytes())
-    return {"batchnorm_layers": len(layers), "widths": [bn.num_features for _, bn in layers],
-            "running_stats_sha256": h.hexdigest()}
 
 
 class LayerProbe:
@@ -844,29 +827,6 @@ def calibrate(model: nn.Module, pixels: torch.Tensor, source: str = "", seed: in
 
 
 # -- the calibration file beside its weights, and the command that writes it ---------------------------------
-
-
-def set_aside_stale_calibration(model: nn.Module, folder: str | Path, log=print) -> Path | None:
-    """Before new weights are written to ``folder``: unless its calibration was made for ``model`` (the same
-    :func:`fingerprint`, the rule :meth:`MeterCalibration.check` applies), rename it atomically to
-    ``meter_calibration.stale-<UTC time>.json``, where nothing looks for it; an unreadable one too. Returns the new path."""
-    path = Path(folder) / CALIBRATION_FILE
-    if not path.is_file():
-        return None
-    try:
-        if MeterCalibration.load(path).fingerprint == fingerprint(model):
-            return None
-    except (CalibrationError, ValueError):  # not a calibration at all: it fits nothing
-        pass
-    stamp, n = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()), 1
-    aside = path.with_name(f"{path.stem}.stale-{stamp}.json")
-    while aside.exists():  # never over an earlier one of the same second
-        n += 1
-        aside = path.with_name(f"{path.stem}.stale-{stamp}-{n}.json")
-    os.replace(path, aside)
-    log(f"moved {path} aside to {aside.name}: it was made for other weights (rebuild it with python -m "
-        f"cifar_transfer.meter {folder} --data-dir DATA)")
-    return aside
 
 
 def fewest_scores() -> int:

@@ -25,7 +25,7 @@ from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import 
     CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, PRETRAINED_CFG_SOURCE, TAGS,
     WEIGHTS_NAME, CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config,
     check_timm_agrees, check_timm_config, check_weights, contract_from_pretrained_cfg, is_timm_config, read_config,
-    read_metrics, timm_label_names,
+    read_metrics, set_aside_stale_calibration, timm_label_names,
 )
 from .contract import ContractError, NormalizationContract
 from .hub_refs import could_be_repo_id, describe_hub_error, hub_unreachable
@@ -313,8 +313,6 @@ def load_checkpoint(folder: str | Path, map_location: str = "cpu") -> CifarTrans
 def save_checkpoint(model: CifarTransferModel, folder: str | Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write weights, config, metrics and the model card (``save_pretrained``); every file atomically. A meter
     calibration in ``folder`` made for other weights is first moved aside (never left to be found beside these)."""
-    from .meter import set_aside_stale_calibration
-
     folder = Path(folder)
     if metrics is not None:
         model.metrics = metrics
