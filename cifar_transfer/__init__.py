@@ -7,7 +7,8 @@ The contract and the model
 - ``backbones``    pretrained backbones, each declaring its contract
 - ``checkpoint``   the checkpoint folder: file names, limits, validation, atomic writes
 - ``model``        the classifier and its self-describing checkpoint folder
-- ``hub``          a checkpoint reference: a local folder or a Hugging Face Hub repo id
+- ``hub_refs``     what a reference can be (repo-id syntax) and why the Hub cannot give it
+- ``hub``          a checkpoint reference resolved: a local folder or a Hugging Face Hub repo id
 - ``card``         the model card, generated from a checkpoint's own files
 - ``publish``      ``python -m cifar_transfer.publish``: one commit to the Hub
 
