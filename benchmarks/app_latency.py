@@ -1,6 +1,7 @@
 """Latency of one-variant vs all-variants prediction, in process and through the app's API.
 
     python benchmarks/app_latency.py [--checkpoint DIR] [--runs 60] [--engine onnxruntime pytorch] [--json out.json]
+    python benchmarks/app_latency.py --vs-bare [--checkpoint DIR] [--runs 60] [--threads 1] [--json out.json]
 
 "one variant" is the correct contract alone; "default" is the correct contract
 plus contract.DEFAULT_DEMO_VARIANTS (what the app shows by default, one batch
@@ -22,6 +23,14 @@ load average before and after.
 
 Goals: issue 4, default ≤ 1.3 × one variant and p50 ≤ 0.25 s; issue 14, all
 variants p50 ≤ 20 ms in process.
+
+``--vs-bare`` (issue 20) times only the app's all-panel answer in process (``Predictor.predict`` of the image
+with every variant: decoding, the engine's one pass, the meter, the display pictures) against a bare eager
+PyTorch forward of the same 7 network inputs (``model(x)`` in inference mode, channels-last as the predictor
+holds the model), interleaved call by call in one run (the order alternates each round), and reports the
+medians, their ratio and the median of the per-round ratios, with the load average before and after. It
+imports no Gradio and only ``Predictor``, ``load_checkpoint`` and ``read_metrics``, so the same file times an
+older commit's predictor when run from that commit's checkout (``git worktree add``).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,6 +84,57 @@ def timed(fn, runs: int, warmup: int = 5) -> dict[str, float]:
     return {**percentiles(samples), "cpu_p50": percentiles(cpu)["p50"]}
 
 
+def vs_bare(checkpoint: str, image: str, runs: int, warmup: int = 10, threads: int | None = None) -> dict:
+    """The app's all-panel answer against a bare eager forward of its 7 inputs, interleaved (see the module doc).
+
+    ``threads``: torch's intra-op threads, and so ONNX Runtime's (the engine takes torch's count); default torch's own."""
+    import torch
+
+    from cifar_transfer.contract import CORRECT_KEY, WRONG_VARIANTS
+    from cifar_transfer.model import load_checkpoint, read_metrics
+    from cifar_transfer.predictor import Predictor
+
+    if threads:
+        torch.set_num_threads(threads)
+    folder = Path(checkpoint)
+    has_calibration = (folder / "meter_calibration.json").is_file()  # as app.load_predictor
+    predictor = Predictor(load_checkpoint(folder), read_metrics(folder), calibration=folder if has_calibration else None)
+    keys = [CORRECT_KEY, *WRONG_VARIANTS]
+    x = predictor.network_input(predictor.read(image), keys).contiguous(memory_format=torch.channels_last)
+    model = predictor.model
+
+    def app_answer():
+        predictor.predict(image, list(WRONG_VARIANTS))
+
+    def bare():
+        with torch.inference_mode():
+            model(x)
+
+    calls = {"app": app_answer, "bare": bare}
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    samples = {name: [] for name in calls}
+    for i in range(runs):
+        for name in (("app", "bare") if i % 2 == 0 else ("bare", "app")):
+            t0 = time.perf_counter()
+            calls[name]()
+            samples[name].append(time.perf_counter() - t0)
+    out = {name: percentiles(v) for name, v in samples.items()}
+    out["ratio_of_medians"] = out["app"]["p50"] / out["bare"]["p50"]
+    out["median_of_round_ratios"] = statistics.median(a / b for a, b in zip(samples["app"], samples["bare"]))
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    out.update(code=commit.stdout.strip() or None, inputs=len(x), input_size=int(x.shape[-1]), engine=predictor.engine.name,
+               runs=runs, torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+               loadavg_1_5_15={"before": load_before, "after": [round(v, 2) for v in os.getloadavg()]})
+    print(f"all-panel answer p50 {1000 * out['app']['p50']:.1f} ms ({out['engine']}) vs bare eager PyTorch forward of "
+          f"the same {len(x)} inputs at {x.shape[-1]} px p50 {1000 * out['bare']['p50']:.1f} ms: "
+          f"{out['ratio_of_medians']:.2f}x (median of per-round ratios {out['median_of_round_ratios']:.2f}x); "
+          f"{runs} interleaved rounds, load average {load_before} before, {out['loadavg_1_5_15']['after']} after")
+    return out
+
+
 class HttpApi:
     """The app's REST API as curl would use it: upload the file, POST /call/predict, read the result stream."""
 
@@ -104,8 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
                    help="also time gradio_client calls (its polling adds a fixed ~0.2 s per call)")
     p.add_argument("--engine", nargs="+", default=["onnxruntime", "pytorch"], choices=["onnxruntime", "pytorch"],
                    help="inference engines to time, back to back (default: both)")
+    p.add_argument("--vs-bare", action="store_true",
+                   help="only the all-panel answer against a bare eager forward of its 7 inputs, interleaved (issue 20)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
+    if args.vs_bare:
+        from cifar_transfer.checkpoint import atomic_write_json
+
+        result = vs_bare(args.checkpoint or str(ROOT / "checkpoints" / "efficientnet_lite0-cifar10"), args.image, args.runs,
+                         threads=args.threads)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(Path(args.json), result)
+        return result
     if args.checkpoint:
         os.environ["CIFAR_TRANSFER_CHECKPOINT"] = args.checkpoint
     if args.threads:
