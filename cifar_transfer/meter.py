@@ -234,13 +234,6 @@ def layer_features(bns: list[nn.BatchNorm2d], stats: list[tuple[torch.Tensor, to
     f[:, :, 0] = f[:, :, 0].clamp_min(1e-6).log()
     return f.reshape(len(mean_b), 3 * len(widths))
 
-    def first_layer_divergence(self) -> torch.Tensor:
-        """D per image at the first hooked layer (the old meter's number when layer 0 is hooked)."""
-        bn, caps = self.bns[0], self.captured[0]
-        mean_b, var_b = torch.cat([c[0] for c in caps]).cpu(), torch.cat([c[1] for c in caps]).cpu()
-        return gaussian_kl(mean_b, var_b, bn.running_mean.float().cpu(), bn.running_var.float().cpu()).mean(dim=1)
-
-
 def channel_swap(x: torch.Tensor) -> torch.Tensor:
     """The same normalized batch with its first and last channels exchanged (RGB <-> BGR)."""
     return x.flip(1)
