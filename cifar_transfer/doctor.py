@@ -26,9 +26,9 @@ with each picture's colour cast held fixed (:func:`colour_cast_exchanged`): a
 blue-sky folder otherwise "fits" BGR. The verdict: "DISAGREES" only when the
 declared contract is separated from the first, with at least ``MIN_IMAGES``
 images; "agrees" when every other candidate is; else "not sure", naming the
-candidates the images could not separate (often only the channel order). Batch-norm statistics never trained
-(running mean 0, variance 1) give "cannot judge". :func:`check_batch` checks a
-tensor your own pipeline produced.
+candidates the images could not separate (often only the channel order).
+Batch-norm statistics never trained (running mean 0, variance 1) give "cannot
+judge". :func:`check_batch` checks a tensor your own pipeline produced.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import batchnorm_layers
 from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
 from .images import (IMAGE_EXTENSIONS, REDUCE_MARGIN, ImageInputError, decode, pixel_side, resize_side,
                      square_pixels)
-from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, batchnorm_layers, find_calibration,
-                    first_layer_reading, meter_features)
+from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
+                    meter_features)
 
 
 
@@ -67,10 +68,10 @@ CONFIDENT = 0.95
 BOOTSTRAP = 400
 #: The first must also beat a candidate by this many standard deviations of the per-image differences, so that most
 #: single images agree: a folder of other content, as far from this one as its images are from each other, would
-#: still rank them the same. Sampling noise (the bootstrap) shrinks with more images; one class's colours and
-#: contrast do not. On CIFAR-10 *train* class folders (the design data; /tmp experiments, see the report of issue
-#: 20) the bare EfficientNet-Lite0's content-driven preferences reached 0.9 (channel order by colour cast: hence the
-#: cast-invariant channel evidence) and about 0.5 (scale); the shipped checkpoint's costly mistakes 1.4 and more.
+#: still rank them the same. Sampling noise (the bootstrap) shrinks with more images; one class's colours do not.
+#: On the design folders (``python benchmarks/doctor_accuracy.py --split train``: CIFAR-10 train class folders and
+#: the design photographs) the evidence against the correct contract reached 0.35, the wrong normalizations 0.97 and
+#: more, the shipped checkpoint's channel order 0.30-0.85 (reported as not settled).
 CONTENT_SPREAD = 1.0
 #: Running statistics within this of mean 0, variance 1 count as never trained (PyTorch's initial values).
 UNTRAINED_ATOL = 1e-6
@@ -245,7 +246,7 @@ def channel_margins(own: torch.Tensor, twin: torch.Tensor, own_exchanged: torch.
 
 
 def untrained_layers(model: nn.Module, layers: list[int]) -> list[str]:
-    """Names of the batch-norm layers among ``layers`` (indices into :func:`cifar_transfer.meter.batchnorm_layers`)
+    """Names of the batch-norm layers among ``layers`` (indices into :func:`cifar_transfer.checkpoint.batchnorm_layers`)
     whose running statistics are still PyTorch's initial ones, mean 0 and variance 1: nothing was measured into them.
 
     ``num_batches_tracked`` is not asked alone: weights converted from another framework carry trained statistics

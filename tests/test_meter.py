@@ -148,11 +148,12 @@ def test_check_batch_on_a_users_pipeline(embedded_model, example_pixels):
     assert "swapped" in doctor.check_batch(model, contracts["bgr"].transform()(example_pixels.float())).words
 
 
-def test_doctor_is_confident_on_eight_examples_and_asks_for_more_on_three(embedded_model, example_pixels):
+def test_doctor_ranks_the_contract_first_on_eight_examples_and_asks_for_more_on_three(embedded_model, example_pixels):
     model, _ = embedded_model
     report = doctor.diagnose(model, example_pixels)
     assert report.calibrated and report.best.name == "minus_one_one"
-    assert report.agrees_with_declared is True and report.confident
+    # every mistake but the channel order separated (8 pictures cannot settle that, issue 20)
+    assert report.agrees_with_declared is True and [s.name for s in report.unresolved] in (["minus_one_one"], ["minus_one_one", "bgr"])
     assert report.ranking[-1].name == "raw_0_255"
     few = doctor.diagnose(model, example_pixels[:3])
     assert not few.confident and few.agrees_with_declared in (True, None)
