@@ -118,7 +118,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     from cifar_transfer.images import pixel_side
     from cifar_transfer.model import load_checkpoint, read_metrics
-    from cifar_transfer.meter import first_batchnorm
+    from cifar_transfer.checkpoint import first_batchnorm
 
     t0 = time.perf_counter()
     model = load_checkpoint(args.checkpoint).eval().to(memory_format=torch.channels_last)

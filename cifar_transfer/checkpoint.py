@@ -393,6 +393,14 @@ def batchnorm_layers(model: nn.Module) -> list[tuple[str, nn.BatchNorm2d]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
 
 
+def first_batchnorm(model: nn.Module) -> nn.BatchNorm2d:
+    """The first ``BatchNorm2d`` of ``model`` (the one the first-layer divergence reads); ``ValueError`` if none."""
+    layers = batchnorm_layers(model)
+    if not layers:
+        raise ValueError("the model has no BatchNorm2d layer")
+    return layers[0][1]
+
+
 def fingerprint(model: nn.Module) -> dict:
     """What a calibration is keyed to: the batch-norm layers' count, widths and running statistics."""
     layers = batchnorm_layers(model)

@@ -39,12 +39,12 @@ from tqdm.auto import tqdm
 from . import data as data_mod
 from .backbones import BACKBONES, BackboneError, get_backbone
 from .batches import ImageBatches
-from .checkpoint import atomic_write_json
+from .checkpoint import atomic_write_json, first_batchnorm
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 from .data import DataError
 from .evaluate import predict_logits
-from .meter import BatchNormProbe, first_batchnorm, gaussian_kl
+from .meter import BatchNormProbe, gaussian_kl
 from .model import CifarTransferModel
 from .runtime import environment_info
 from .study_report import save_png

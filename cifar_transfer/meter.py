@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint
+from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint, first_batchnorm
 
 # First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
 # CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
@@ -102,13 +102,6 @@ def first_layer_reading(divergence: float) -> MeterReading:
 
 #: Kept for callers of the first-layer meter (the doctor's fallback); same as :func:`first_layer_reading`.
 reading = first_layer_reading
-
-
-def first_batchnorm(model: nn.Module) -> nn.BatchNorm2d:
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            return m
-    raise ValueError("model has no BatchNorm2d layer")
 
 
 def gaussian_kl(mean_b: torch.Tensor, var_b: torch.Tensor, mean_r: torch.Tensor, var_r: torch.Tensor) -> torch.Tensor:

