@@ -14,7 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as data_mod
-from .evaluate import predict_logits
+from .evaluate import predict_probabilities
 from .inference import class_probabilities
 
 
@@ -67,7 +67,7 @@ class ImageBatches:
         """The whole model's (``net.model``) accuracy on the held-out images (leaves the model in eval mode)."""
         net.model.eval()
         # PyTorch: the weights change every epoch, an ONNX export each time would cost more than it saves
-        probs = predict_logits(net.model, self.evaluation, device=self.device, batch_size=batch_size,
+        probs = predict_probabilities(net.model, self.evaluation, device=self.device, batch_size=batch_size,
                                tta_flip=tta_flip, engine="pytorch")
         return (probs.argmax(1) == self.evaluation.labels).float().mean().item()
 

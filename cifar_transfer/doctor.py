@@ -124,7 +124,7 @@ def _stop(_module, _args):
 
 
 @torch.no_grad()
-def batch_divergence(model: nn.Module, normalized: torch.Tensor) -> tuple[float, torch.Tensor]:
+def first_layer_divergence(model: nn.Module, normalized: torch.Tensor) -> tuple[float, torch.Tensor]:
     """(divergence pooled over the batch, divergence per image) at the first batch-norm layer, eval mode; the forward
     pass stops at that layer."""
     was_training = model.training
@@ -152,7 +152,7 @@ def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibr
     features and twin features of ``normalized``, when already measured.
     """
     if calibration is None:
-        pooled, per_image = batch_divergence(model, normalized)
+        pooled, per_image = first_layer_divergence(model, normalized)
         return per_image.clamp_min(1e-12).log(), first_layer_reading(pooled).level
     f, twin = features if features is not None else meter_features(model, normalized, calibration.layers)
     s = calibration.scores(f, twin)
@@ -528,7 +528,7 @@ def check_batch(model: nn.Module, normalized_batch: torch.Tensor, calibration: M
     x = x.to(next(model.parameters()).device)
     cal = _calibration_or_none(model, calibration)
     if cal is None:
-        pooled, per_image = batch_divergence(model, x)
+        pooled, per_image = first_layer_divergence(model, x)
         r, channel, values = first_layer_reading(pooled), None, per_image.tolist()
     else:
         f, twin = meter_features(model, x, cal.layers)

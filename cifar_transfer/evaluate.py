@@ -38,8 +38,8 @@ def network(model, device, engine: str = "auto"):
 
 
 @torch.no_grad()
-def predict_logits(model, split, *, contract=None, device=None, batch_size: int = EVAL_BATCH_SIZE, tta_flip: bool = False,
-                   progress: bool = False, desc: str = "eval", engine: str = "auto", net=None) -> torch.Tensor:
+def predict_probabilities(model, split, *, contract=None, device=None, batch_size: int = EVAL_BATCH_SIZE, tta_flip: bool = False,
+                          progress: bool = False, desc: str = "eval", engine: str = "auto", net=None) -> torch.Tensor:
     """Class probabilities for every image of ``split`` under ``contract`` (default: the model's own).
 
     ``engine``: see :func:`network` (``net``, if given, is such a network already made)."""
@@ -65,7 +65,7 @@ def evaluate_variants(model, split, *, keys=None, device=None, batch_size: int =
     for key, contract in variant_contracts(model.contract, keys).items():
         if key not in keys:
             continue
-        probs = predict_logits(model, split, contract=contract, device=device, batch_size=batch_size,
+        probs = predict_probabilities(model, split, contract=contract, device=device, batch_size=batch_size,
                                tta_flip=tta_flip, progress=progress, desc=key, net=net)
         results[key] = round((probs.argmax(1) == split.labels).float().mean().item(), 6)
     return results

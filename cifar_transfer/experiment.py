@@ -43,7 +43,7 @@ from .checkpoint import atomic_write_json, first_batchnorm
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 from .data import DataError
-from .evaluate import predict_logits
+from .evaluate import predict_probabilities
 from .meter import BatchNormProbe, gaussian_kl
 from .model import CifarTransferModel
 from .runtime import environment_info
@@ -181,7 +181,7 @@ def _round(x: float, digits: int = 5) -> float | None:
 @torch.no_grad()
 def accuracy(model: nn.Module, split, contract: NormalizationContract, batch_size: int = 250) -> float:
     """Top-1 accuracy (eval mode) of ``model`` on ``split`` preprocessed with ``contract``."""
-    probs = predict_logits(model, split, contract=contract, device=torch.device("cpu"), batch_size=batch_size,
+    probs = predict_probabilities(model, split, contract=contract, device=torch.device("cpu"), batch_size=batch_size,
                            engine="pytorch")  # small splits, weights that change: no ONNX export
     return (probs.argmax(1) == split.labels).float().mean().item()
 
@@ -202,7 +202,7 @@ def probe_inputs(model: nn.Module, pixels: torch.Tensor, contract: Normalization
     return d, torch.cat(feats).mean().item()
 
 
-def batch_divergence(probe, running_mean: torch.Tensor, running_var: torch.Tensor) -> float:
+def captured_batch_divergence(probe, running_mean: torch.Tensor, running_var: torch.Tensor) -> float:
     """Mean per-image divergence of the batch the probe captured, against the given running statistics."""
     x = probe.inputs[-1]
     d = gaussian_kl(x.mean(dim=(2, 3)), x.var(dim=(2, 3), unbiased=False), running_mean, running_var)
@@ -240,7 +240,7 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
         running = bn.running_mean.clone(), bn.running_var.clone()
         with BatchNormProbe(model) as probe:
             yield
-        s["divergence"].append(_round(batch_divergence(probe, *running)))
+        s["divergence"].append(_round(captured_batch_divergence(probe, *running)))
 
     def after(step, lr, loss, _logits, norm, _y) -> bool:
         s["train_loss"].append(_round(loss.item()))

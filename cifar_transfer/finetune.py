@@ -138,7 +138,7 @@ def init_distributed(device_arg: str) -> Dist:
 #
 # train.train() -> run(): check_before_work, prepare_data, build_model, make_optimizer, (resume) load_train_state,
 # make_batches, fit (train_one_epoch + the batches' own evaluation, save_train_state per epoch),
-# sync_replicas, evaluate_on_test, final_metrics, write_checkpoint; publish_checkpoint at the edge.
+# sync_replicas, evaluate_on_test, final_metrics, write_checkpoint; publish_to_hub at the edge.
 
 
 def run(cfg: TrainConfig, dist: Dist) -> Path:
@@ -489,7 +489,7 @@ def write_checkpoint(model: CifarTransferModel, out: Path, metrics: dict, train_
         f"total {metrics['total_wall_seconds'] / 60:.1f} min)")
 
 
-def publish_checkpoint(out: Path, repo_id: str, private: bool = False) -> None:
+def publish_to_hub(out: Path, repo_id: str, private: bool = False) -> None:
     """Upload the checkpoint folder to the Hub (``--push-to-hub``); on failure say how to retry, the checkpoint kept."""
     try:
         print(f"published: {publish(out, repo_id, private=private)}")

@@ -28,7 +28,7 @@ from .backbones import BACKBONES, DEFAULT_BACKBONE, BackboneError
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from .cli import HelpFormatter
 from .evaluate import EVAL_BATCH_HELP, EVAL_BATCH_SIZE
-from .finetune import DEFAULT_OUTPUT, STATE_NAME, TrainConfig, init_distributed, publish_checkpoint, run
+from .finetune import DEFAULT_OUTPUT, STATE_NAME, TrainConfig, init_distributed, publish_to_hub, run
 
 
 def per_backbone(key: str) -> str:
@@ -134,7 +134,7 @@ def train(cfg: TrainConfig) -> Path:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     if cfg.push_to_hub and dist.main:
-        publish_checkpoint(out, cfg.push_to_hub, cfg.hub_private)
+        publish_to_hub(out, cfg.push_to_hub, cfg.hub_private)
     return out
 
 

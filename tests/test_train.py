@@ -234,15 +234,15 @@ def test_train_step_steps_on_finite_loss_and_skips_a_diverged_one():
 def test_flip_tta_averages_each_image_with_its_mirror(embedded_model, example_images):
     """The headline accuracy uses flip test-time augmentation: it must be the mean of the two views' probabilities."""
     from cifar_transfer.data import Split
-    from cifar_transfer.evaluate import predict_logits
+    from cifar_transfer.evaluate import predict_probabilities
     from cifar_transfer.predictor import load_image
 
     model, _ = embedded_model
     images = torch.stack([load_image(p) for p in example_images])
     split = Split(images, torch.zeros(len(images), dtype=torch.long))
-    plain = predict_logits(model, split, engine="pytorch")
-    mirrored = predict_logits(model, Split(images.flip(3), split.labels), engine="pytorch")
-    tta = predict_logits(model, split, engine="pytorch", tta_flip=True)
+    plain = predict_probabilities(model, split, engine="pytorch")
+    mirrored = predict_probabilities(model, Split(images.flip(3), split.labels), engine="pytorch")
+    tta = predict_probabilities(model, split, engine="pytorch", tta_flip=True)
     assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-5)
     assert not torch.allclose(plain, mirrored, atol=1e-3)  # the mirror is a different view, so TTA changes something
 
