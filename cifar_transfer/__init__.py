@@ -29,6 +29,7 @@ Training (one engine)
 
 Instruments
 - ``meter``        the contract meter: do a network's inputs look like its batch-norm statistics?
+- ``meter_fit``    fitting the meter's calibration (``python -m cifar_transfer.meter``)
 - ``doctor``       ``python -m cifar_transfer.doctor``: which normalization do these weights expect?
 
 The study of training under wrong normalization

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from cifar_transfer import doctor, meter
+from cifar_transfer import doctor, meter, meter_fit
 from cifar_transfer.contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts
 from cifar_transfer.predictor import Predictor, load_image
 
@@ -54,7 +54,7 @@ def test_shipped_calibration_is_keyed_to_the_checkpoint_and_reads_every_batchnor
     assert calibration.layers == list(range(len(layers)))  # the layer choice: all of them, in module order
     assert calibration.layer_names == [name for name, _ in layers]
     assert all(len(d) == len(meter.FEATURES) * len(layers) for d in calibration.directions)
-    assert calibration.mistakes == list(meter.MISTAKES)
+    assert calibration.mistakes == list(meter_fit.MISTAKES)
     assert "train split" in calibration.derivation["images"]  # calibrated on training images only
 
 
@@ -171,14 +171,14 @@ def test_thresholds_are_recomputed_from_the_recorded_held_out_scores(calibration
     """The shipped thresholds are what derive_thresholds gives on the recorded held-out scores: change the derivation
     (code or recorded parameters), or a threshold, without regenerating the file and this goes red."""
     d, h = calibration.derivation, calibration.held_out_scores
-    assert d["drifting_quantile"] == meter.DRIFTING_QUANTILE and d["channel_quantile"] == meter.CHANNEL_QUANTILE
-    assert d["broken_factor"] == meter.BROKEN_FACTOR and d["batch_draws"] == meter.BATCH_DRAWS
-    assert d["batch_sizes"] == list(meter.BATCH_SIZES) and d["split"] == meter.SPLIT
+    assert d["drifting_quantile"] == meter_fit.DRIFTING_QUANTILE and d["channel_quantile"] == meter_fit.CHANNEL_QUANTILE
+    assert d["broken_factor"] == meter_fit.BROKEN_FACTOR and d["batch_draws"] == meter_fit.BATCH_DRAWS
+    assert d["batch_sizes"] == list(meter_fit.BATCH_SIZES) and d["split"] == meter_fit.SPLIT
     assert d["batch_draws_from"] == "one class" and len(set(h["class"])) == 10
     n = d["held_out_images"]
     assert len(h["per_mistake"]) == len(h["channel"]) == len(h["class"]) == n
     assert d["fit_images"] + d["standardize_images"] + n == d["n_images"] >= 2000
-    recomputed = calibration.derived_thresholds()
+    recomputed = meter_fit.derived_thresholds(calibration)
     assert set(recomputed) == set(calibration.thresholds)
     for key in ("drifting", "broken", "channel"):
         assert recomputed[key] == pytest.approx(calibration.thresholds[key], abs=2e-4), key
@@ -193,17 +193,17 @@ def test_thresholds_are_recomputed_from_the_recorded_held_out_scores(calibration
 
 def test_conformal_thresholds_are_finite_sample_order_statistics():
     scores = torch.arange(1.0, 100.0)  # 99 scores: (n + 1) * 0.98 = 98 -> the 98th smallest
-    assert meter.conformal_upper(scores, 0.98) == 98.0  # a plain 98th percentile would be 97.04
-    assert meter.conformal_lower(scores, 0.02) == 2.0  # (n + 1) * 0.02 = 2 -> the 2nd smallest
-    assert meter.conformal_upper(scores[torch.randperm(99)], 0.98) == 98.0  # order does not matter
+    assert meter_fit.conformal_upper(scores, 0.98) == 98.0  # a plain 98th percentile would be 97.04
+    assert meter_fit.conformal_lower(scores, 0.02) == 2.0  # (n + 1) * 0.02 = 2 -> the 2nd smallest
+    assert meter_fit.conformal_upper(scores[torch.randperm(99)], 0.98) == 98.0  # order does not matter
     with pytest.raises(ValueError, match="too few"):
-        meter.conformal_upper(scores[:10], 0.98)
+        meter_fit.conformal_upper(scores[:10], 0.98)
     with pytest.raises(ValueError, match="too few"):
-        meter.conformal_lower(scores[:10], 0.02)
+        meter_fit.conformal_lower(scores[:10], 0.02)
     # the promise: a new exchangeable score crosses the threshold with probability at most 1 - level
     g = torch.Generator().manual_seed(0)
     cal, new = torch.randn(2000, 60, generator=g), torch.randn(2000, generator=g)
-    t = torch.tensor([meter.conformal_upper(c, 0.98) for c in cal])
+    t = torch.tensor([meter_fit.conformal_upper(c, 0.98) for c in cal])
     assert (new > t).float().mean().item() <= 0.02 + 0.005
 
 
@@ -211,7 +211,7 @@ def test_batch_thresholds_include_the_centre_error_and_the_class_spread():
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 1, generator=g, dtype=torch.float64)
     z = (z - z.mean()) / z.std()
-    stat = meter.predictive_batch_statistics(z, 32, 20000, seed=0)[:, 0]
+    stat = meter_fit.predictive_batch_statistics(z, 32, 20000, seed=0)[:, 0]
     # a new batch of 32 against a centre known from 64 images: variance 1 + 32/64, not 1 (nor the 1 - 32/64 of
     # batches drawn without replacement from the same 64)
     assert stat.std().item() == pytest.approx(1.5 ** 0.5, rel=0.05)
@@ -219,8 +219,8 @@ def test_batch_thresholds_include_the_centre_error_and_the_class_spread():
     # one class per draw: two classes whose means sit +-0.5 apart from the overall mean (sqrt(32) * 0.5 = 2.8)
     two = torch.cat([z + 0.5, z - 0.5])
     groups = torch.cat([torch.zeros(64), torch.ones(64)])
-    grouped = meter.predictive_batch_statistics(two, 32, 20000, seed=0, groups=groups)[:, 0]
-    mixed = meter.predictive_batch_statistics(two, 32, 20000, seed=0)[:, 0]
+    grouped = meter_fit.predictive_batch_statistics(two, 32, 20000, seed=0, groups=groups)[:, 0]
+    mixed = meter_fit.predictive_batch_statistics(two, 32, 20000, seed=0)[:, 0]
     assert torch.quantile(grouped, 0.98).item() > torch.quantile(mixed, 0.98).item() + 2.0
     # half the draws from each class: the upper one's 96th percentile (1.751 standard deviations)
     assert torch.quantile(grouped, 0.98).item() == pytest.approx(32 ** 0.5 * 0.5 + 1.5 ** 0.5 * 1.751, rel=0.05)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cifar_transfer import data as data_mod
-from cifar_transfer import meter
+from cifar_transfer import meter, meter_fit
 from cifar_transfer import train as train_mod
 from cifar_transfer.backbones import BACKBONES
 from cifar_transfer.checkpoint import CALIBRATION_NAME
@@ -130,32 +130,28 @@ def ten_classes(tmp_path):
 
 
 def test_meter_refuses_too_few_per_class_up_front_saying_the_minimum(ten_classes, tmp_path, monkeypatch, capsys):
-    from cifar_transfer import model as model_mod
-
-    monkeypatch.setattr(model_mod, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(meter_fit, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
     with pytest.raises(SystemExit) as exc:
-        meter.main([str(tmp_path / "ck"), "--data-dir", str(ten_classes), "--per-class", "12"])
+        meter_fit.main([str(tmp_path / "ck"), "--data-dir", str(ten_classes), "--per-class", "12"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--per-class 12 is too few" in err and "at least 20 per class" in err
     # 20 is the fit's own limit: 19 per class leaves too few held-out scores for its thresholds, 20 enough
-    held = {p: len(meter.split_indices(10 * p, 0)["threshold"]) for p in (19, 20)}
+    held = {p: len(meter_fit.split_indices(10 * p, 0)["threshold"]) for p in (19, 20)}
     with pytest.raises(ValueError, match="too few"):
-        meter.conformal_upper(torch.zeros(held[19]), meter.DRIFTING_QUANTILE)
-    meter.conformal_upper(torch.zeros(held[20]), meter.DRIFTING_QUANTILE)
-    meter.conformal_lower(torch.zeros(held[20]), meter.CHANNEL_QUANTILE)
-    assert meter.fewest_per_class([25] * 10) == 20
+        meter_fit.conformal_upper(torch.zeros(held[19]), meter_fit.DRIFTING_QUANTILE)
+    meter_fit.conformal_upper(torch.zeros(held[20]), meter_fit.DRIFTING_QUANTILE)
+    meter_fit.conformal_lower(torch.zeros(held[20]), meter_fit.CHANNEL_QUANTILE)
+    assert meter_fit.fewest_per_class([25] * 10) == 20
 
 
 def test_meter_refuses_to_replace_a_calibration_without_overwrite(ten_classes, shipped_copy, monkeypatch):
-    from cifar_transfer import model as model_mod
-
     folder = shipped_copy / "checkpoints" / SHIPPED.name
     before = hashes(folder)
-    monkeypatch.setattr(model_mod, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
+    monkeypatch.setattr(meter_fit, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the check"))
     args = [str(folder), "--data-dir", str(ten_classes), "--per-class", "20"]
     with pytest.raises(SystemExit) as exc:
-        meter.main(args)
+        meter_fit.main(args)
     message = str(exc.value.code)
     assert "\n" not in message and str(folder / CALIBRATION_NAME) in message and "--overwrite" in message
     assert hashes(folder) == before
@@ -166,9 +162,9 @@ def test_meter_refuses_to_replace_a_calibration_without_overwrite(ten_classes, s
     def loaded(*a, **k):
         raise Loaded
 
-    monkeypatch.setattr(model_mod, "load_checkpoint", loaded)
+    monkeypatch.setattr(meter_fit, "load_checkpoint", loaded)
     with pytest.raises(Loaded):  # --overwrite gets past the refusal to the work
-        meter.main([*args, "--overwrite"])
+        meter_fit.main([*args, "--overwrite"])
 
 
 def readme_commands(prefix: str) -> list[str]:
