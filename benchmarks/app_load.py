@@ -43,7 +43,7 @@ and file count and the server's RSS (``VmRSS`` in ``/proc/PID/status``) at
 three points: before the load, right after it, and after ``--wait-s`` (by
 default, when aborted uploads were sent: one sweep past the partial age).
 Prints a JSON summary and writes it to ``<out-dir>/<name>.json`` (atomically; ``--out-dir``
-defaults to ``runs/app_load``: the README's files are in ``results/app_load``, pass that to add to
+defaults to ``runs/app_load``: the docs' files are in ``results/app_load``, pass that to add to
 them). Exits with status 1 if any normal request failed. Only loopback URLs are accepted.
 """
 
@@ -283,7 +283,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--upload-dir", help="with --url: that app's upload folder, to measure it")
     p.add_argument("--pid", type=int, help="with --url: that app's process id, to read its RSS")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "app_load"), metavar="DIR",
-                   help="folder of the JSON files; default: runs/app_load (the README's are in results/app_load: pass that to "
+                   help="folder of the JSON files; default: runs/app_load (the docs' are in results/app_load: pass that to "
                         "add to them)")
     p.add_argument("--name", help="OUT_DIR/<name>.json (default: from the settings, e.g. c32x10)")
     p.add_argument("--engine", nargs="+", choices=ENGINES,

@@ -301,7 +301,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--rate", type=int, default=100, help="py-spy samples per second (default 100)")
     p.add_argument("--out-dir", default=str(ROOT / "runs" / "app_profile"), metavar="DIR",
-                   help="folder of the JSON and stack files; default: runs/app_profile (the README's are in "
+                   help="folder of the JSON and stack files; default: runs/app_profile (the docs' are in "
                         "results/app_profile: pass that to add to them)")
     p.add_argument("--name", default=None, help="OUT_DIR/<name>-<engine>.json (default c<clients>x<requests>)")
     p.add_argument("--png-runs", type=int, default=30, help="timed runs of the in-process PNG measurement (0: skip)")

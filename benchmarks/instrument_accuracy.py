@@ -13,7 +13,7 @@ read as "ok", and the AUROC of the meter's statistic against ``correct``. The do
 often it names the declared contract first, how often it says "DISAGREES" (a confident wrong answer) and
 how often it is not sure. "before" columns: the first-batch-norm meter and doctor this replaced (same
 images). Results go to runs/instrument_accuracy/instrument_accuracy.json (written atomically; --output
-results/instrument_accuracy/instrument_accuracy.json replaces the README's).
+results/instrument_accuracy/instrument_accuracy.json replaces the docs').
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", help="file for the collected features: read when present, else written")
     p.add_argument("--output", default=str(REPO / "runs/instrument_accuracy/instrument_accuracy.json"),
-                   help="result JSON; default: runs/instrument_accuracy/instrument_accuracy.json (the README's: "
+                   help="result JSON; default: runs/instrument_accuracy/instrument_accuracy.json (the docs': "
                         "results/instrument_accuracy/instrument_accuracy.json)")
     return p
 

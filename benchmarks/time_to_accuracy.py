@@ -49,7 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe-output", default=str(fresh / "recipe"),
                    help="checkpoint folder the recipe writes (an existing checkpoint there needs --extra --overwrite)")
     p.add_argument("--out", default=str(fresh),
-                   help="folder for CSV, JSON and PNG (the README's are in results/time_to_accuracy: pass that to replace them)")
+                   help="folder for CSV, JSON and PNG (the docs' are in results/time_to_accuracy: pass that to replace them)")
     p.add_argument("--runs", nargs="+", default=["recipe", "baseline"], choices=["recipe", "baseline"], help="which runs")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train flags for both runs (e.g. --max-per-class 100)")
     return p

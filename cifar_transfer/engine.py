@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # ONNX Runtime's intra-op threads spin-wait for work by default. On 2 shared cores a spinning thread takes the
 # time the server's other threads (Gradio, the next request's decoding) need: under the app's load test, spinning
-# off halved the server's CPU per request (README, "Where a request's server CPU goes"). CIFAR_TRANSFER_ORT_SPIN=1
+# off halved the server's CPU per request (docs/speed.md, "Where a request's server CPU goes"). CIFAR_TRANSFER_ORT_SPIN=1
 # turns it back on.
 SPIN_ENV = "CIFAR_TRANSFER_ORT_SPIN"
 PARITY_ATOL = 1e-3  # logits; ONNX Runtime and PyTorch differ by ~3e-6 on the shipped checkpoint

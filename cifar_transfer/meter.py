@@ -58,7 +58,7 @@ from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint, first_b
 
 # First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
 # CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
-# max 1.11; raw 0-255 input about 15,000. They catch raw 0-255 pixels and little else (see the README).
+# max 1.11; raw 0-255 input about 15,000. They catch raw 0-255 pixels and little else (see docs/meter-and-doctor.md).
 WITHIN = 1.2
 DRIFTING = 10.0
 

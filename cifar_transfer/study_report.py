@@ -1,4 +1,4 @@
-"""What the study's cells say: one table per regime, a verdict per claim, the README's compact table, the
+"""What the study's cells say: one table per regime, a verdict per claim, the docs' compact table (docs/study.md), the
 summary (markdown) and the plots; :func:`save_png` and :func:`table_html` also serve the quick experiment's
 results. Every number is read from the cells (:mod:`cifar_transfer.study_results`).
 """
@@ -236,8 +236,8 @@ def summary_markdown(cells: list[dict]) -> str:
 
 
 def readme_table(cells: list[dict]) -> str:
-    """The README's compact table: one row per preprocessing, one column group per regime (seed 0; seed 1 in
-    brackets where run), then served-wrong accuracy. ``tests/test_study.py`` checks the README carries it."""
+    """The compact table of docs/study.md: one row per preprocessing, one column group per regime (seed 0; seed 1 in
+    brackets where run), then served-wrong accuracy. ``tests/test_study.py`` checks docs/study.md carries it."""
     by = index(cells)
     regimes = [r for r in REGIMES if r in by]
     head = ["preprocessing"] + [f"{r}: trained & tested" for r in regimes] + [f"{r}: served wrong" for r in regimes]

@@ -1,7 +1,7 @@
 """The full-scale study (issue 12): cells, resume, the regimes' freezing, divergence/collapse, verdicts.
 
 The behaviour is checked on a tiny generated dataset (no ../shared); the shipped results in results/study are
-checked for shape and for agreeing with what the app and the README show.
+checked for shape and for agreeing with what the app and docs/study.md show.
 """
 
 from __future__ import annotations
