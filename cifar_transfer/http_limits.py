@@ -45,13 +45,11 @@ class RequestLimits:
         self.app, self.max_body, self.max_upload_body = app, max_body, max_upload_body
         self.upload_route = root_path.rstrip("/") + UPLOAD_ROUTE
 
-    def limit_for(self, path: str) -> int:
-        return self.max_upload_body if path.rstrip("/") == self.upload_route else self.max_body
-
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.limit_for(scope.get("path", ""))
+        upload = scope.get("path", "").rstrip("/") == self.upload_route
+        limit = self.max_upload_body if upload else self.max_body
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             return await self._refuse(send, limit)
@@ -76,9 +74,9 @@ class RequestLimits:
             started = started or message["type"] == "http.response.start"
             await send(message)
 
-        is_upload = scope.get("method") == "POST" and limit == self.max_upload_body
+        check_answer = upload and scope.get("method") == "POST"
         try:
-            await self.app(scope, counted_receive, _UploadAnswerCheck(guarded_send) if is_upload else guarded_send)
+            await self.app(scope, counted_receive, _UploadAnswerCheck(guarded_send) if check_answer else guarded_send)
         except Exception:
             if not over:
                 raise
