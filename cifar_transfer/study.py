@@ -46,9 +46,10 @@ from .meter import LayerProbe, gaussian_kl
 from .model import CifarTransferModel
 from .runtime import environment_info
 from .study_report import pct, summary_markdown, write_plots
-from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, RESULTS_DIR,
+from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, REGIMES_128,
+                            RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
-                            read_cells, round_sig, wilson)
+                            read_cells, regimes_for, round_sig, wilson)
 from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
 
 
@@ -58,7 +59,7 @@ class StudyConfig:
     backbone_weights: str | None = None
     data_dir: str | None = None
     download: bool = True
-    input_size: int = 32  # CIFAR's own resolution: no upsampling, and the only size whose full fine-tune fits the CPU budget
+    input_size: int = 128  # the shipped checkpoint's input size; 32 (CIFAR's own, no upsampling) is the appendix
     regimes: list[str] | None = None  # None: all three
     variants: list[str] | None = None  # None: every wrong variant
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
@@ -66,6 +67,7 @@ class StudyConfig:
     max_test_per_class: int | None = None
     epochs_scale: float = 1.0  # multiplies every regime's epochs (tests: tiny budgets)
     max_batch_size: int | None = None  # caps every regime's batch size (tests: a few images)
+    val_fraction: float = 0.0  # >0: train on the rest of the training set, score on this held-out share (budgets)
     engine: str = "auto"  # the frozen prefix on a CPU: ONNX Runtime ("auto") or "pytorch"; training is PyTorch
     device: str = "auto"
     threads: int | None = None
@@ -75,17 +77,21 @@ class StudyConfig:
 
     def setup(self, regime: Regime) -> dict:
         """What must be equal for cells of one regime to be comparable (a resumed run checks it)."""
-        return {"backbone": self.backbone, "input_size": self.input_size, "max_per_class": self.max_per_class,
-                "max_test_per_class": self.max_test_per_class, "epochs_scale": self.epochs_scale,
-                "regime": dataclasses.asdict(regime)}
+        setup = {"backbone": self.backbone, "input_size": self.input_size, "max_per_class": self.max_per_class,
+                 "max_test_per_class": self.max_test_per_class, "epochs_scale": self.epochs_scale,
+                 "regime": dataclasses.asdict(regime)}
+        if self.val_fraction:  # scored on a validation split: never mixed with test-set cells
+            setup["val_fraction"] = self.val_fraction
+        return setup
 
     def regime_list(self) -> list[Regime]:
-        keys = self.regimes or list(REGIMES)
-        unknown = [k for k in keys if k not in REGIMES]
+        regimes = regimes_for(self.input_size)
+        keys = self.regimes or list(regimes)
+        unknown = [k for k in keys if k not in regimes]
         if unknown:
-            raise StudyError(f"unknown regime(s) {unknown}; choose from {', '.join(REGIMES)}")
+            raise StudyError(f"unknown regime(s) {unknown}; choose from {', '.join(regimes)}")
         cap = self.max_batch_size
-        return [dataclasses.replace(REGIMES[k], batch_size=min(REGIMES[k].batch_size, cap)) if cap else REGIMES[k]
+        return [dataclasses.replace(regimes[k], batch_size=min(regimes[k].batch_size, cap)) if cap else regimes[k]
                 for k in keys]
 
 
@@ -135,12 +141,18 @@ def _score(acc: float, share: float, n: int) -> dict:
 
 
 def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regime: Regime, ds, cfg: StudyConfig,
-             seed: int, device: torch.device, contracts: dict[str, NormalizationContract]) -> dict:
+             seed: int, device: torch.device, contracts: dict[str, NormalizationContract], *,
+             serve_wrong: bool = True, caches: dict | None = None) -> dict:
     """Train a copy of ``initial`` under ``contract`` in ``regime``; score it; for the correct contract also serve
-    every wrong variant. Returns the cell's record (JSON-ready)."""
+    every wrong variant (unless ``serve_wrong`` is False). Returns the cell's record (JSON-ready).
+
+    ``caches``, when given, keeps each preprocessing's cached prefix features across calls (the budget search
+    trains several heads on the same features); a cell's own run passes none."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = copy.deepcopy(initial).to(device)
+    if regime.channels_last:
+        model.to(memory_format=torch.channels_last)
     cut = split_frozen(model, regime.freeze_stages)
     body = cut.trainable
     transform = contract.transform().to(device)
@@ -152,18 +164,27 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         raise StudyError(f"the training set ({len(ds.train)} images) is smaller than one batch of {regime.batch_size}")
     cached = regime.views > 0
     if cached:  # the frozen prefix's outputs, kept float32 on the device (prefix batches of 1000 images)
-        run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
-        common = dict(device=device, seed=seed, batch_size=1000, dtype=torch.float32, store=device)
-        batches = CachedBatches(FeatureCache(run, ds.train, transform, views=regime.views, augment=True, **common),
-                                device, regime.batch_size, seed, flip=False)
-        test_in = FeatureCache(run, ds.test, transform, views=1, augment=False, **common).views[0]
+        memo_key = (key, regime.freeze_stages, regime.views, seed)
+        if caches is not None and memo_key in caches:
+            train_cache, test_in = caches[memo_key]
+        else:
+            run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
+            common = dict(device=device, seed=seed, batch_size=1000, dtype=torch.float32, store=device,
+                          channels_last=regime.channels_last)
+            train_cache = FeatureCache(run, ds.train, transform, views=regime.views, augment=True, **common)
+            test_in = FeatureCache(run, ds.test, transform, views=1, augment=False, **common).views[0]
+            if caches is not None:
+                caches[memo_key] = (train_cache, test_in)
+        batches = CachedBatches(train_cache, device, regime.batch_size, seed, flip=regime.flip)
     else:
         batches = ImageBatches(ds.train, transform, device, regime.batch_size, seed)
     test_y = ds.test.labels.to(device)
     subset = torch.arange(0, len(test_y), max(1, len(test_y) // CURVE_SUBSET))
 
+    served = None  # once trained: the fixed model's runner (ONNX Runtime on a CPU), for the final scores
+
     def test_logits(x: torch.Tensor) -> torch.Tensor:
-        return body(x) if cached else model(transform(x.to(device)))
+        return body(x) if cached else (served or model)(transform(x.to(device)))
 
     def score(index: torch.Tensor | None = None):
         body.eval()
@@ -203,12 +224,14 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
                disable=not cfg.progress, mininterval=5.0, dynamic_ncols=True, leave=False)
     # the forward is the trainable stages alone: on cached features, or (nothing frozen) on the images
     run_steps(body, bar, opt, loss_fn, lambda step: lr_at((step - 1) / steps, regime.lr, WARMUP), start=1, cut=cut,
-              norm_of=params, after=after)
+              channels_last=regime.channels_last, norm_of=params, after=after)
     bar.close()
     stopped_at = stopped[0] if stopped else None
     train_seconds = time.perf_counter() - t_train
 
     model.eval()
+    # the trained model, fixed from here on: ONNX Runtime on a CPU (exported once), the model itself elsewhere
+    served = prefix_runner(model, cfg.input_size, cfg.engine)
     if stopped_at is None:
         acc, share, _ = score()
         test = _score(acc, share, len(test_y))
@@ -227,16 +250,16 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         "collapsed": has_collapsed(test["accuracy"], test["max_class_share"]),
         "train_seconds": round(train_seconds, 1),
     }
-    if key == CORRECT_KEY:  # trained right, served wrong
-        served = {}
+    if key == CORRECT_KEY and serve_wrong:  # trained right, served wrong
+        served_wrong = {}
         for wrong_key, wrong in contracts.items():
             if wrong_key == CORRECT_KEY:
                 continue
             wt = wrong.transform().to(device)
-            acc, share, _ = _accuracy(lambda x: model(wt(x.to(device))), test_x, test_y)
-            served[wrong_key] = {**_score(acc, share, len(test_y)),
+            acc, share, _ = _accuracy(lambda x: served(wt(x.to(device))), test_x, test_y)
+            served_wrong[wrong_key] = {**_score(acc, share, len(test_y)),
                                  "divergence": probe(model, wt(test_x[probe_idx].to(device)))}
-        record["served_wrong"] = served
+        record["served_wrong"] = served_wrong
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
     return record
 
@@ -259,7 +282,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes per regime: let cuDNN pick its fastest kernels
-    out = Path(cfg.output or RESULTS_DIR)
+    out = Path(cfg.output or SCALE_DIRS.get(cfg.input_size, Path("runs") / "study"))
     out.mkdir(parents=True, exist_ok=True)
     done = {c["key"]: c for c in read_cells(out)}
     regimes = cfg.regime_list()
@@ -277,14 +300,18 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     ds = data_mod.load_dataset(cfg.data_dir, download=cfg.download, contract=get_backbone(cfg.backbone).contract,
                                max_per_class=cfg.max_per_class,
                                max_test_per_class=cfg.max_test_per_class)
-    log(f"data: {ds.name}: {len(ds.train)} training, {len(ds.test)} test images")
+    if cfg.val_fraction:  # choosing budgets: the test set is never read; the held-out share of train scores
+        ds = data_mod.split_validation(ds, cfg.val_fraction, seed=0)
+        ds = dataclasses.replace(ds, test=ds.val, val=None)
+    log(f"data: {ds.name}: {len(ds.train)} training, {len(ds.test)} {'validation' if cfg.val_fraction else 'test'} images")
     torch.manual_seed(0)
     initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size,
                                                weights_file=cfg.backbone_weights)
     contracts = variant_contracts(initial.contract, keys)
     env = environment_info(device)
     for regime, key, seed in todo:
-        cell = run_cell(initial, key, contracts[key], regime, ds, cfg, seed, device, contracts)
+        cell = run_cell(initial, key, contracts[key], regime, ds, cfg, seed, device, contracts,
+                        serve_wrong=not cfg.val_fraction)
         cell["command"] = cfg.command
         cell["environment"] = env
         append_cell(out, cell)
@@ -362,15 +389,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.study", description=__doc__.split("\n\n")[0],
                                 epilog="Regimes: " + "; ".join(
                                     f"{r.key}: {r.title} ({r.epochs:g} epochs, batch {r.batch_size}, lr {r.lr:g}"
-                                    f"{f', {r.views} cached views' if r.views else ''})" for r in REGIMES.values()),
+                                    f"{f', {r.views} cached views' if r.views else ''})" for r in REGIMES_128.values())
+                                    + ". At --input-size 32 (the small-input appendix): " + "; ".join(
+                                    f"{r.key}: {r.epochs:g} epochs, batch {r.batch_size}, lr {r.lr:g}"
+                                    f"{f', {r.views} cached views' if r.views else ''}" for r in REGIMES.values()),
                                 formatter_class=HelpFormatter)
     p.add_argument("--backbone", default=d.backbone, choices=sorted(BACKBONES), help="pretrained backbone")
     p.add_argument("--backbone-weights", metavar="FILE", help="local ImageNet weights file (offline ResNets)")
     p.add_argument("--data-dir", metavar="DIR", help="train/ + test/ class folders; default: torchvision download")
     p.add_argument("--no-download", dest="download", action="store_false", help="never download the dataset")
-    p.add_argument("--input-size", type=int, default=d.input_size,
-                   help="side in pixels the network sees (32: CIFAR's own; larger sizes cost ~(size/32)^2 on a CPU)")
-    p.add_argument("--regimes", nargs="+", choices=list(REGIMES), help="regimes to run (default: all)")
+    p.add_argument("--input-size", type=int, default=d.input_size, choices=sorted(SCALE_DIRS),
+                   help="side in pixels the network sees: 128 (the shipped checkpoint's; results/study-128px) or 32 "
+                        "(CIFAR's own, the small-input appendix; results/study); each has its own budgets")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction, metavar="F",
+                   help="hold out this share of the training set and score on it instead of the test set (how the "
+                        "budgets were chosen; no served-wrong evaluation)")
+    p.add_argument("--regimes", nargs="+", choices=list(REGIMES_128), help="regimes to run (default: all)")
     p.add_argument("--variants", nargs="+", metavar="KEY", choices=list(WRONG_VARIANTS),
                    help="wrong variants to run beside the correct contract (default: all)")
     p.add_argument("--seeds", nargs="+", type=int, default=d.seeds, help="seeds; each adds a full set of cells")
@@ -398,12 +432,14 @@ def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, str | 
     summary, estimate_only = args.pop("summary"), args.pop("estimate")  # both popped: neither is a StudyConfig field
     mode = "summary" if summary else "estimate" if estimate_only else None
     if args["output"] is None:
-        args["output"] = str(RESULTS_DIR) if mode == "summary" else str(
+        args["output"] = str(SCALE_DIRS.get(args["input_size"], RESULTS_DIR_128)) if mode == "summary" else str(
             Path("runs") / time.strftime("study-%Y%m%d-%H%M%S", time.gmtime()))
     cfg = StudyConfig(**args)
     cfg.command = "python -m cifar_transfer.study " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if cfg.input_size <= 0 or cfg.epochs_scale <= 0:
-        p.error("--input-size and --epochs-scale must be positive")
+    if cfg.epochs_scale <= 0:
+        p.error("--epochs-scale must be positive")
+    if not 0 <= cfg.val_fraction < 1:
+        p.error("--val-fraction must be in [0, 1)")
     return cfg, mode
 
 

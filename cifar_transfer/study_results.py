@@ -16,7 +16,9 @@ FORMAT = "cifar_transfer.study/1"
 # The shipped results in a checkout of the repository; installed (no pyproject.toml beside the package), the
 # folder `--output results/study` fills when run from the current directory (issue 10).
 _CHECKOUT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path()) / "results" / "study"
+_RESULTS = (_CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else Path()) / "results"
+RESULTS_DIR = _RESULTS / "study"  # the 32-px run (the small-input appendix)
+RESULTS_DIR_128 = _RESULTS / "study-128px"  # the study at the shipped checkpoint's input size
 CELLS_NAME = "cells.jsonl"
 COMMAND = "python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg"
 CURVE_EVALS = 8  # test-subset evaluations per cell, evenly spaced over its steps
@@ -58,6 +60,8 @@ class Regime:
     views: int  # cached views of the frozen prefix's output (view 0 plain, others crop+flip); 0: augment online
     label_smoothing: float = 0.0
     weight_decay: float = 5e-4
+    flip: bool = False  # flip each cached feature map at random, as train's --cache-features does (32 px: no flip)
+    channels_last: bool = False  # channels-last tensors, as train's --channels-last (speed on a CPU, same numbers)
 
 
 WARMUP = 0.05  # fraction of a cell's steps warming the learning rate up linearly (then cosine to zero), every regime
@@ -72,6 +76,27 @@ REGIMES: dict[str, Regime] = {r.key: r for r in (
     Regime("full", "Full fine-tune: every layer trained, batch-norm in training mode",
            freeze_stages=0, epochs=1, batch_size=64, lr=0.005, views=0),
 )}
+# The budgets at 128 px, the shipped checkpoint's input size, chosen on a validation split of the training set
+# (the same for every preprocessing): results/study-128px/budgets/README.md says which runs chose them.
+REGIMES_128: dict[str, Regime] = {r.key: r for r in (
+    Regime("frozen", "Frozen backbone: linear head on pooled features, batch-norm statistics frozen",
+           freeze_stages=-1, epochs=10, batch_size=256, lr=0.05, views=2),
+    Regime("partial", "Partial fine-tune: stem + 4 stages frozen with their batch-norm statistics, later stages trained",
+           freeze_stages=5, epochs=4, batch_size=128, lr=0.1, views=1, label_smoothing=0.1, flip=True,
+           channels_last=True),
+    Regime("full", "Full fine-tune: every layer trained, batch-norm in training mode",
+           freeze_stages=0, epochs=1, batch_size=64, lr=0.01, views=0, label_smoothing=0.1, channels_last=True),
+)}
+SCALES: dict[int, dict[str, Regime]] = {128: REGIMES_128, 32: REGIMES}  # input size -> its regimes
+SCALE_DIRS: dict[int, Path] = {128: RESULTS_DIR_128, 32: RESULTS_DIR}
+
+
+def regimes_for(input_size: int) -> dict[str, Regime]:
+    """The regimes (budgets) chosen for ``input_size``; other sizes have none."""
+    if input_size not in SCALES:
+        raise StudyError(f"no budgets were chosen for {input_size} px; the study runs at "
+                         f"{' or '.join(str(s) for s in SCALES)} px")
+    return SCALES[input_size]
 
 
 # -- small statistics ---------------------------------------------------------------------------------

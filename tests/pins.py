@@ -33,7 +33,7 @@ TRAIN_ARGS = ["--backbone", "efficientnet_lite0", "--input-size", "32", "--batch
               "--no-progress", "--eval-batch-size", "16", "--epochs", "2", "--no-variants", "--engine", "pytorch"]
 TRAIN_RUNS = {"images": [], "cached_tta": ["--cache-features", "--cache-views", "2", "--tta-flip"]}
 STUDY_CLASSES, STUDY_N_TRAIN, STUDY_N_TEST = ("a", "b", "c"), 12, 6
-STUDY_CONFIG = dict(variants=["raw_0_255"], epochs_scale=0.5, max_batch_size=8, progress=False, engine="pytorch")
+STUDY_CONFIG = dict(input_size=32, variants=["raw_0_255"], epochs_scale=0.5, max_batch_size=8, progress=False, engine="pytorch")
 EXPERIMENT_CONFIG = dict(input_size=32, max_per_class=10, val_per_class=3, steps=3, batch_size=4, eval_every=2,
                          variants=["raw_0_255", "bgr"], progress=False)
 
