@@ -376,7 +376,7 @@ def build_demo(checkpoint: str | None = None, revision: str | None = None) -> gr
             shown = gr.State()
 
         with gr.Tab("Does it matter? (measured)"):
-            if build_study_tab():  # the full-scale study (results/study), the quick run below it
+            if build_study_tab():  # the study (128 px, then the 32-px appendix), the quick run below it
                 with gr.Accordion("The quick version: 200 steps on 5,000 images (python -m cifar_transfer.experiment)",
                                   open=False):
                     build_experiment_tab()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import shlex
 import sys
 import time
@@ -45,7 +46,8 @@ from .inference import prefix_runner
 from .meter import LayerProbe, gaussian_kl
 from .model import CifarTransferModel
 from .runtime import environment_info
-from .study_report import pct, summary_markdown, write_plots
+from .checkpoint import atomic_write_text
+from .study_report import docs_block, pct, regimes_markdown, replace_block, scale_comparison, summary_markdown, write_plots
 from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, REGIMES_128,
                             RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
@@ -74,6 +76,7 @@ class StudyConfig:
     output: str | None = None
     progress: bool = True
     command: str = ""
+    write_docs: str | None = None  # with --summary: the docs file whose generated blocks are rewritten
 
     def setup(self, regime: Regime) -> dict:
         """What must be equal for cells of one regime to be comparable (a resumed run checks it)."""
@@ -310,10 +313,12 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     contracts = variant_contracts(initial.contract, keys)
     env = environment_info(device)
     for regime, key, seed in todo:
+        load_before = os.getloadavg()[0]  # the machine's 1-minute load: cells on a shared CPU say how shared it was
         cell = run_cell(initial, key, contracts[key], regime, ds, cfg, seed, device, contracts,
                         serve_wrong=not cfg.val_fraction)
         cell["command"] = cfg.command
         cell["environment"] = env
+        cell["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}
         append_cell(out, cell)
         done[cell["key"]] = cell
         t = cell["test"]
@@ -422,7 +427,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "extend the shipped study)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--estimate", action="store_true", help="time a few steps per regime here and print the projected total")
-    p.add_argument("--summary", action="store_true", help="only print the tables and verdicts of --output (default results/study)")
+    p.add_argument("--summary", action="store_true",
+                   help="only print the tables and verdicts of --output (default: the recorded run at --input-size)")
+    p.add_argument("--write-docs", metavar="FILE",
+                   help="with --summary: rewrite the generated blocks of FILE (docs/study.md) from the recorded cells "
+                        "of both sizes (a test checks the docs equal them)")
     return p
 
 
@@ -431,6 +440,8 @@ def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, str | 
     args = vars(p.parse_args(argv))
     summary, estimate_only = args.pop("summary"), args.pop("estimate")  # both popped: neither is a StudyConfig field
     mode = "summary" if summary else "estimate" if estimate_only else None
+    if args["write_docs"] and mode != "summary":
+        p.error("--write-docs goes with --summary")
     if args["output"] is None:
         args["output"] = str(SCALE_DIRS.get(args["input_size"], RESULTS_DIR_128)) if mode == "summary" else str(
             Path("runs") / time.strftime("study-%Y%m%d-%H%M%S", time.gmtime()))
@@ -443,6 +454,19 @@ def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, str | 
     return cfg, mode
 
 
+def write_docs(path: Path) -> None:
+    """Rewrite docs/study.md's generated blocks (``study-128px``, ``study-32px``, ``study-scales``) from the cells."""
+    text = path.read_text(encoding="utf-8")
+    by_size = {size: read_cells(folder) for size, folder in SCALE_DIRS.items()}
+    for size, cells in by_size.items():
+        text = replace_block(text, f"study-{size}px", docs_block(cells))
+    text = replace_block(text, "study-128px-setup", regimes_markdown(REGIMES_128))
+    comparison = scale_comparison(by_size[128], by_size[32])
+    if comparison:
+        text = replace_block(text, "study-scales", comparison)
+    atomic_write_text(path, text)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, mode = config_from_args(argv)
     try:
@@ -451,13 +475,15 @@ def main(argv: list[str] | None = None) -> None:
             if not cells:
                 raise StudyError(f"no study results at {Path(cfg.output) / CELLS_NAME}; run `{COMMAND}` to produce them")
             print(summary_markdown(cells))
+            if cfg.write_docs:
+                write_docs(Path(cfg.write_docs))
             return
         if mode == "estimate":
             estimate(cfg)
             return
         cells = run_study(cfg)
         write_plots(cells, Path(cfg.output))
-    except (StudyError, BackboneError, DataError) as exc:
+    except (StudyError, BackboneError, DataError, ValueError, OSError) as exc:
         raise SystemExit(f"error: {exc}") from None
     print(f"\nwrote {Path(cfg.output) / CELLS_NAME}, accuracy.png and curves.png\n")
     print(summary_markdown(cells))

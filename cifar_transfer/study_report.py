@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
 from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_title
-from .study_results import COMMAND, CURVE_EVALS, DEFINITIONS, REGIMES, diff_interval
+from .study_results import COMMAND, CURVE_EVALS, DEFINITIONS, REGIMES, diff_interval, study_command
 
 # -- reading the results: tables and verdicts ----------------------------------------------------------
 
@@ -220,6 +220,7 @@ def verdicts_markdown(cells: list[dict]) -> str:
 def summary_markdown(cells: list[dict]) -> str:
     if not cells:
         return f"No study results yet: run `{COMMAND}`."
+    size = cells[0]["setup"]["input_size"]
     seeds = sorted({c["seed"] for c in cells})
     wall = sum(c["wall_seconds"] for c in cells)
     places = {}
@@ -230,9 +231,83 @@ def summary_markdown(cells: list[dict]) -> str:
     where = " and ".join(f"{name} ({n} cells)" if len(places) > 1 else name for name, n in places.items())
     head = (f"{len(cells)} cells (regime × preprocessing × seed; seeds {', '.join(map(str, seeds))}), "
             f"{cells[0]['setup']['input_size']} px, {cells[0]['test']['n']} test images each, "
-            f"{wall / 60:.1f} min of training and scoring on {where}. Reproduce: `{COMMAND} --seeds "
+            f"{wall / 60:.1f} min of training and scoring on {where}. Reproduce: `{study_command(size)} --seeds "
             f"{' '.join(map(str, seeds))}` (each cell records the exact command it ran under).")
     return "\n\n".join(x for x in (head, table_markdown(cells), verdicts_markdown(cells)) if x)
+
+
+def progress_note(cells: list[dict], seeds: dict[int, list[str]] | None = None) -> str:
+    """Which cells the results hold against the plan (``{seed: [regime, ...]}``; default: every regime for seed 0,
+    the partial regime for seed 1), e.g. "14 of 28 planned cells: seed 0 frozen 7/7, ...". Empty when complete."""
+    plan = seeds or {0: list(REGIMES), 1: ["partial"]}
+    by = index(cells)
+    parts, have, total = [], 0, 0
+    for seed, regimes in plan.items():
+        for r in regimes:
+            n = sum(v in by.get(r, {}).get(seed, {}) for v in (CORRECT_KEY, *WRONG_VARIANTS))
+            have, total = have + n, total + 1 + len(WRONG_VARIANTS)
+            parts.append(f"seed {seed} {r} {n}/{1 + len(WRONG_VARIANTS)}")
+    if have == total:
+        return ""
+    return f"**In progress: {have} of the {total} planned cells have run** ({', '.join(parts)}); the verdicts below " \
+           "count only the variants run so far."
+
+
+def scale_comparison(main: list[dict], small: list[dict]) -> str:
+    """What changed between two input sizes, read from both sets of cells: the correct contract's accuracy and the
+    two accuracy verdicts, per regime."""
+    if not main or not small:
+        return ""
+    size_m, size_s = main[0]["setup"]["input_size"], small[0]["setup"]["input_size"]
+    bm, bs = index(main), index(small)
+    vm = {(v["regime"], v["claim"]): v["verdict"] for v in verdicts(main)}
+    vs = {(v["regime"], v["claim"]): v["verdict"] for v in verdicts(small)}
+    rows = []
+    for r in REGIMES:
+        cm, cs = bm.get(r, {}).get(0, {}).get(CORRECT_KEY), bs.get(r, {}).get(0, {}).get(CORRECT_KEY)
+        if not cm or not cs:
+            continue
+        same = "Accuracy drops silently (trained and served the same wrong way)"
+        served = "Accuracy drops silently (trained right, served wrong)"
+        rows.append(f"{r}: correct {pct(cm['test']['accuracy'])} at {size_m} px against {pct(cs['test']['accuracy'])} "
+                    f"at {size_s} px; trained and tested the same wrong way, {vm.get((r, same), 'not run yet')} "
+                    f"(at {size_s} px: {vs.get((r, same), '—')}); served wrong, {vm.get((r, served), 'not run yet')} "
+                    f"(at {size_s} px: {vs.get((r, served), '—')})")
+    if not rows:
+        return ""
+    return f"**What changed between {size_s} px and {size_m} px** (seed 0, from both sets of cells): " + "; ".join(rows) + "."
+
+
+def replace_block(text: str, name: str, block: str) -> str:
+    """``text`` with the lines between ``<!-- begin: NAME -->`` and ``<!-- end: NAME -->`` replaced by ``block``
+    (how ``--write-docs`` keeps docs/study.md equal to the cells); a missing marker raises ValueError."""
+    begin, end = f"<!-- begin: {name} -->", f"<!-- end: {name} -->"
+    if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"expected one '{begin}' ... '{end}' pair")
+    head, rest = text.split(begin, 1)
+    return f"{head}{begin}\n{block.strip()}\n{end}{rest.split(end, 1)[1]}"
+
+
+def regimes_markdown(regimes: dict) -> str:
+    """One line per regime: its cut and budget, as the code defines it (docs/study.md shows it)."""
+    lines = []
+    for r in regimes.values():
+        cached = f", {r.views} cached view{'s' if r.views > 1 else ''} of the frozen prefix" if r.views else ""
+        extra = "".join([f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else "",
+                         ", random flips of the cached feature maps" if r.flip else ""])
+        lines.append(f"- **{r.key}**: {r.title.split(': ', 1)[-1]}; {r.epochs:g} epoch{'s' if r.epochs != 1 else ''}, batch {r.batch_size}, "
+                     f"peak lr {r.lr:g} (SGD, Nesterov momentum 0.9, weight decay {r.weight_decay:g}){cached}{extra}.")
+    return "\n".join(lines)
+
+
+def docs_block(cells: list[dict]) -> str:
+    """What docs/study.md shows of one set of cells: progress, the compact table and the verdicts."""
+    if not cells:
+        return "No cells have run yet."
+    parts = [summary_markdown(cells).split("\n\n", 1)[0], progress_note(cells),
+             readme_table(cells), "**Verdict per claim and regime** (seed 0, `study_report.verdicts`):",
+             verdicts_markdown(cells)]
+    return "\n\n".join(p for p in parts if p)
 
 
 def readme_table(cells: list[dict]) -> str:

@@ -21,6 +21,11 @@ RESULTS_DIR = _RESULTS / "study"  # the 32-px run (the small-input appendix)
 RESULTS_DIR_128 = _RESULTS / "study-128px"  # the study at the shipped checkpoint's input size
 CELLS_NAME = "cells.jsonl"
 COMMAND = "python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg"
+
+
+def study_command(input_size: int) -> str:
+    """The command that runs (or resumes) the recorded study at ``input_size``."""
+    return COMMAND + ("" if input_size == 128 else f" --input-size {input_size} --output results/study")
 CURVE_EVALS = 8  # test-subset evaluations per cell, evenly spaced over its steps
 CURVE_SUBSET = 2000  # images of the test set (every 5th) scored along the way; the final score uses all of it
 PROBE_IMAGES = 512  # test images the divergence and feature-norm probes read

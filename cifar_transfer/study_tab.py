@@ -10,8 +10,8 @@ from pathlib import Path
 import gradio as gr
 
 from . import experiment
-from .study_report import summary_markdown, table_html
-from .study_results import DEFINITIONS, RESULTS_DIR, StudyError, read_cells
+from .study_report import progress_note, scale_comparison, summary_markdown, table_html
+from .study_results import DEFINITIONS, RESULTS_DIR, RESULTS_DIR_128, StudyError, read_cells
 
 
 def show_plot(path: Path, label: str) -> None:
@@ -23,23 +23,24 @@ def show_plot(path: Path, label: str) -> None:
                  alt_text=label, elem_classes="plot")
 
 
-def build_study_tab(results_dir: Path | None = None) -> bool:
-    """Add the study's plots, tables and verdicts to the current ``gr.Blocks``/``gr.Tab`` context.
-
-    Returns False (and adds nothing) when the folder holds no cells, so the caller can show something else."""
-    folder = Path(results_dir or RESULTS_DIR)
+def _cells_or_message(folder: Path) -> list[dict] | None:
+    """The folder's cells, or None after showing why they cannot be read."""
     try:
-        cells = read_cells(folder)
+        return read_cells(folder)
     except StudyError as exc:
-        gr.Markdown(f"The study's results cannot be read: {exc}.")
-        return True
-    if not cells:
-        return False
+        gr.Markdown(f"The study's results in {folder.name} cannot be read: {exc}.")
+        return None
+
+
+def _study_section(folder: Path, cells: list[dict], heading: str) -> None:
+    """One recorded run: its plots, per-regime tables and verdicts (all computed from ``cells``)."""
     head, *rest = [b.strip() for b in summary_markdown(cells).split("\n\n") if b.strip()]
-    gr.Markdown("### The seed's claims at full scale\n"
-                "Every preprocessing trained on all 50,000 training images *and* tested the same way on all 10,000 "
-                "test images, in three regimes; the correctly trained model also served each wrong variant. "
+    gr.Markdown(f"{heading}\nEvery preprocessing trained on all 50,000 training images *and* tested the same way on "
+                "all 10,000 test images, in three regimes; the correctly trained model also served each wrong variant. "
                 + head)
+    note = progress_note(cells)
+    if note:
+        gr.Markdown(note)
     for name, label in (("accuracy.png", "Test accuracy per regime and preprocessing"),
                         ("curves.png", "Test-subset accuracy and training loss against step")):
         show_plot(folder / name, label)
@@ -52,6 +53,31 @@ def build_study_tab(results_dir: Path | None = None) -> bool:
             gr.HTML(table_html(block), elem_classes="exp-table")
         else:
             gr.Markdown(block)
+
+
+def build_study_tab(results_dir: Path | None = None, appendix_dir: Path | None = None) -> bool:
+    """Add the study to the current ``gr.Blocks``/``gr.Tab`` context: the 128-px run (``results_dir``, default
+    ``results/study-128px``) first, what changed between the scales, then the 32-px run (``appendix_dir``, default
+    ``results/study``) as a labelled appendix.
+
+    Returns False (and adds nothing) when neither folder holds cells, so the caller can show something else."""
+    main_dir, small_dir = Path(results_dir or RESULTS_DIR_128), Path(appendix_dir or RESULTS_DIR)
+    main, small = _cells_or_message(main_dir), _cells_or_message(small_dir)
+    if main is None or small is None:
+        return True
+    if not main and not small:
+        return False
+    if main:
+        _study_section(main_dir, main, f"### The seed's claims at {main[0]['setup']['input_size']} px, the shipped "
+                                       "checkpoint's input size")
+        comparison = scale_comparison(main, small)
+        if comparison:
+            gr.Markdown(comparison)
+    if small:
+        size = small[0]["setup"]["input_size"]
+        with gr.Accordion(f"Appendix: the small-input run ({size} px)", open=not main):
+            _study_section(small_dir, small, f"### The same study at {size} px (CIFAR's own size, no upsampling), "
+                                             "where the correctly preprocessed model barely trains")
     gr.Markdown("Definitions: " + "; ".join(f"*{k}*: {v}" for k, v in DEFINITIONS.items()))
     return True
 

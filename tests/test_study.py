@@ -206,9 +206,51 @@ def test_shipped_study_is_complete_for_seed_0_and_renders():
     assert text.count("| Correct (the model's contract) |") == 3 and "| claim | regime |" in text
 
 
-def test_readme_carries_the_table_of_the_shipped_cells():
-    readme = (study_results.RESULTS_DIR.parents[1] / "docs" / "study.md").read_text(encoding="utf-8")
-    assert study_report.readme_table(study_results.read_cells(study_results.RESULTS_DIR)) in readme
+DOCS = study_results.RESULTS_DIR.parents[1] / "docs" / "study.md"
+
+
+@pytest.mark.parametrize("size", sorted(study_results.SCALE_DIRS))
+def test_docs_carry_the_tables_and_verdicts_of_the_recorded_cells(size):
+    """docs/study.md shows, for each input size, the table and verdicts the recorded cells produce (regenerate with
+    ``python -m cifar_transfer.study --summary --write-docs docs/study.md``)."""
+    cells = study_results.read_cells(study_results.SCALE_DIRS[size])
+    docs = DOCS.read_text(encoding="utf-8")
+    block = study_report.docs_block(cells)
+    assert study_report.replace_block(docs, f"study-{size}px", block) == docs
+    if cells:
+        assert study_report.readme_table(cells) in docs and study_report.verdicts_markdown(cells) in docs
+
+
+def test_docs_carry_the_budgets_the_code_runs_and_the_comparison_of_the_scales():
+    docs = DOCS.read_text(encoding="utf-8")
+    setup = study_report.regimes_markdown(study_results.REGIMES_128)
+    assert study_report.replace_block(docs, "study-128px-setup", setup) == docs
+    comparison = study_report.scale_comparison(study_results.read_cells(study_results.RESULTS_DIR_128),
+                                               study_results.read_cells(study_results.RESULTS_DIR))
+    if comparison:
+        assert study_report.replace_block(docs, "study-scales", comparison) == docs
+
+
+def test_write_docs_rewrites_only_the_generated_blocks(tmp_path):
+    doc = tmp_path / "study.md"
+    doc.write_text("intro\n<!-- begin: study-128px-setup -->\nold\n<!-- end: study-128px-setup -->\n"
+                   "<!-- begin: study-128px -->\nold\n<!-- end: study-128px -->\nmiddle\n"
+                   "<!-- begin: study-32px -->\nold\n<!-- end: study-32px -->\n"
+                   "<!-- begin: study-scales -->\n<!-- end: study-scales -->\noutro\n", encoding="utf-8")
+    study.write_docs(doc)
+    text = doc.read_text(encoding="utf-8")
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("outro\n") and "\nold\n" not in text
+    assert "peak lr" in text and "| preprocessing |" in text
+    with pytest.raises(ValueError, match="study-scales"):
+        study_report.replace_block("no markers here", "study-scales", "x")
+
+
+def test_progress_note_counts_the_planned_cells():
+    cells = study_results.read_cells(study_results.RESULTS_DIR)  # the 32-px run: seed 0 and 1 complete
+    assert study_report.progress_note(cells) == ""
+    some = [c for c in cells if not (c["regime"] == "full" and c["variant"] == "bgr" and c["seed"] == 0)]
+    note = study_report.progress_note(some)
+    assert "27 of the 28 planned cells" in note and "seed 0 full 6/7" in note
 
 
 def test_app_tab_shows_the_study(tmp_path):
@@ -221,11 +263,31 @@ def test_app_tab_shows_the_study(tmp_path):
     acc = study_results.read_cells(study_results.RESULTS_DIR)[0]["test"]["accuracy"]
     assert f"{100 * acc:.1f}%" in html and "Verdict per claim" in html
     with gr.Blocks():
-        assert study_tab.build_study_tab(tmp_path) is False  # no cells: the caller shows the quick experiment instead
+        assert study_tab.build_study_tab(tmp_path, tmp_path) is False  # no cells: the caller shows the quick experiment
 
 
-def test_estimate_projects_every_regime(tmp_path):
-    out = study.estimate(_cfg(tmp_path, max_per_class=20, max_test_per_class=5), log=lambda *_: None, steps=1)
+@pytest.mark.parametrize("size", [32, 128])
+def test_estimate_projects_every_regime(tmp_path, size):
+    out = study.estimate(_cfg(tmp_path, max_per_class=20, max_test_per_class=5, input_size=size), log=lambda *_: None,
+                         steps=1)
     assert set(out["regimes"]) == set(study_results.REGIMES)
     assert out["total_s"] == sum(r["regime_s"] for r in out["regimes"].values())
     assert all(r["step_s"] > 0 and r["steps"] > 0 for r in out["regimes"].values())
+
+
+FLOORS = {"frozen": 0.80, "partial": 0.90, "full": 0.90}  # issue 23: the correct cells must be real fine-tunes
+
+
+def test_recorded_128px_cells_are_full_scale_with_the_coded_budgets_and_the_correct_cells_clear_the_floors():
+    cells = study_results.read_cells(study_results.RESULTS_DIR_128)
+    assert cells, "results/study-128px holds no cells"
+    for c in cells:
+        regime = study_results.REGIMES_128[c["regime"]]
+        assert c["setup"]["input_size"] == 128 and c["setup"]["max_per_class"] is None, c["key"]
+        assert c["setup"]["regime"] == dataclasses.asdict(regime) and "val_fraction" not in c["setup"], c["key"]
+        assert c["test"]["n"] == 10_000 and c["steps_done"] == c["steps"], c["key"]
+        assert set(c["load_average"]) == {"before", "after"} and c["environment"]["device"], c["key"]
+        if c["variant"] == "correct":
+            assert c["test"]["accuracy"] >= FLOORS[c["regime"]], c["key"]
+            if c["seed"] == 0:
+                assert set(c["served_wrong"]) == set(WRONG_VARIANTS), c["key"]
