@@ -34,7 +34,8 @@ sys.path.insert(0, str(REPO))
 
 from cifar_transfer.contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts  # noqa: E402
 from cifar_transfer.doctor import CONFIDENT, MIN_IMAGES, bootstrap_confidence, candidate_contracts  # noqa: E402
-from cifar_transfer.meter import WITHIN, LayerProbe, channel_swap, find_calibration, gaussian_kl  # noqa: E402
+from cifar_transfer.divergence import bn_divergence, pooled_stats, running_stats  # noqa: E402
+from cifar_transfer.meter import WITHIN, LayerProbe, channel_swap, find_calibration  # noqa: E402
 
 
 def auroc(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -93,9 +94,7 @@ def collect(model, pixels: torch.Tensor, chunk: int = 25) -> dict:
 
 
 def pooled_first_layer(bn, m0: torch.Tensor, v0: torch.Tensor) -> float:
-    mean = m0.mean(0)
-    var = (v0 + m0 ** 2).mean(0) - mean ** 2
-    return float(gaussian_kl(mean, var, bn.running_mean.float(), bn.running_var.float()).mean())
+    return float(bn_divergence(pooled_stats((m0, v0)), running_stats(bn)))
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -152,8 +151,7 @@ def main(argv=None) -> None:
     panels = [cal.panel_readings(torch.stack([data[k]["f"][i] for k in keys]), data[CORRECT_KEY]["t"][i]) for i in range(n)]
     app_levels = {k: np.array([p[j].level for p in panels]) for j, k in enumerate(keys)}
 
-    old_d = {k: gaussian_kl(data[k]["m0"], data[k]["v0"], bn0.running_mean.float(), bn0.running_var.float()).mean(1).numpy()
-             for k in data}
+    old_d = {k: bn_divergence((data[k]["m0"], data[k]["v0"]), running_stats(bn0)).numpy() for k in data}
     s_correct = cal.scores(data[CORRECT_KEY]["f"], data[CORRECT_KEY]["t"])
     rows = {}
     for k in data:

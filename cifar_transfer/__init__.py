@@ -28,6 +28,7 @@ Training (one engine)
 - ``evaluate``     ``python -m cifar_transfer.evaluate``: accuracy under every variant
 
 Instruments
+- ``divergence`` D: how far a batch-norm layer's input sits from its running statistics
 - ``meter``        the contract meter: do a network's inputs look like its batch-norm statistics?
 - ``meter_fit``    fitting the meter's calibration (``python -m cifar_transfer.meter``)
 - ``doctor``       ``python -m cifar_transfer.doctor``: which normalization do these weights expect?

@@ -47,8 +47,8 @@ from .cli import HelpFormatter
 from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
 from .images import (IMAGE_EXTENSIONS, REDUCE_MARGIN, ImageInputError, decode, pixel_side, resize_side,
                      square_pixels)
-from .meter import (BatchNormProbe, CalibrationError, MeterCalibration, find_calibration, first_layer_reading,
-                    meter_features)
+from .divergence import first_layer_divergence
+from .meter import CalibrationError, MeterCalibration, find_calibration, first_layer_reading, meter_features
 
 
 
@@ -113,34 +113,6 @@ def aliases(name: str, candidates: dict[str, NormalizationContract], reference: 
     if reference.same_normalization(target):
         names.append(DECLARED)
     return [n for n in dict.fromkeys(names) if n != name]
-
-
-class _Stop(Exception):
-    """Raised once the first batch-norm layer's input is captured: the rest of the network is not needed."""
-
-
-def _stop(_module, _args):
-    raise _Stop
-
-
-@torch.no_grad()
-def first_layer_divergence(model: nn.Module, normalized: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """(divergence pooled over the batch, divergence per image) at the first batch-norm layer, eval mode; the forward
-    pass stops at that layer."""
-    was_training = model.training
-    model.eval()
-    try:
-        with BatchNormProbe(model) as probe:
-            handle = probe.bn.register_forward_pre_hook(_stop)  # after the probe's own hook: it captures first
-            try:
-                model(normalized)
-            except _Stop:
-                pass
-            finally:
-                handle.remove()
-        return probe.divergence(per_image=False).item(), probe.divergence(per_image=True)
-    finally:
-        model.train(was_training)
 
 
 def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibration | None,

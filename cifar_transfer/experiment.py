@@ -44,7 +44,7 @@ from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 from .data import DataError
 from .evaluate import predict_probabilities
-from .meter import BatchNormProbe, gaussian_kl
+from .divergence import BatchNormProbe, bn_divergence, channel_stats
 from .model import CifarTransferModel
 from .runtime import environment_info
 from .study_report import save_png
@@ -202,13 +202,6 @@ def probe_inputs(model: nn.Module, pixels: torch.Tensor, contract: Normalization
     return d, torch.cat(feats).mean().item()
 
 
-def captured_batch_divergence(probe, running_mean: torch.Tensor, running_var: torch.Tensor) -> float:
-    """Mean per-image divergence of the batch the probe captured, against the given running statistics."""
-    x = probe.inputs[-1]
-    d = gaussian_kl(x.mean(dim=(2, 3)), x.var(dim=(2, 3), unbiased=False), running_mean, running_var)
-    return d.mean(dim=1).mean().item()
-
-
 # -- one fine-tuning run ------------------------------------------------------------------------
 
 
@@ -240,7 +233,7 @@ def train_run(initial: nn.Module, contract: NormalizationContract, ds, cfg: Expe
         running = bn.running_mean.clone(), bn.running_var.clone()
         with BatchNormProbe(model) as probe:
             yield
-        s["divergence"].append(_round(captured_batch_divergence(probe, *running)))
+        s["divergence"].append(_round(bn_divergence(channel_stats(probe.inputs[-1]), running).mean().item()))
 
     def after(step, lr, loss, _logits, norm, _y) -> bool:
         s["train_loss"].append(_round(loss.item()))

@@ -36,11 +36,9 @@ This module is longer than the project's ~500 lines: the calibration value, its
 scoring and the words of every reading stay together so that each level's rule sits
 next to the words that state it (``tests/test_meter_words.py`` holds them to each other).
 
-**First-layer divergence** (:class:`BatchNormProbe`, :func:`first_layer_reading`):
-the older, uncalibrated reading of the first batch-norm layer alone, kept for
-models without a calibration (the doctor on a bare backbone) and the experiment.
-
-    D = mean_c 0.5 * (var_b/var_r + (mu_b - mu_r)^2/var_r - 1 - ln(var_b/var_r))
+**First-layer reading** (:func:`first_layer_reading`): the older, uncalibrated reading of
+the first batch-norm layer's divergence D alone (:mod:`cifar_transfer.divergence` computes
+D), kept for models without a calibration (the doctor on a bare backbone).
 """
 
 from __future__ import annotations
@@ -54,7 +52,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint, first_batchnorm
+from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint
+from .divergence import bn_divergence, channel_stats, gaussian_kl, running_stats
 
 # First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
 # CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
@@ -104,63 +103,6 @@ def first_layer_reading(divergence: float) -> MeterReading:
     return MeterReading(divergence, "broken", COLOURS["broken"], "Far outside the contract: the first batch-norm layer sees statistics it never saw in training.")
 
 
-#: Kept for callers of the first-layer meter (the doctor's fallback); same as :func:`first_layer_reading`.
-reading = first_layer_reading
-
-
-def gaussian_kl(mean_b: torch.Tensor, var_b: torch.Tensor, mean_r: torch.Tensor, var_r: torch.Tensor) -> torch.Tensor:
-    """Per-channel KL(N(mean_b, var_b) || N(mean_r, var_r)); broadcasting over leading dims."""
-    var_b = var_b.clamp_min(1e-12)
-    var_r = var_r.clamp_min(1e-12)
-    ratio = var_b / var_r
-    return 0.5 * (ratio + (mean_b - mean_r) ** 2 / var_r - 1 - torch.log(ratio))
-
-
-class BatchNormProbe:
-    """Context manager capturing the input of a model's first batch-norm layer."""
-
-    def __init__(self, model: nn.Module):
-        self.bn = first_batchnorm(model)
-        self.inputs: list[torch.Tensor] = []
-        self._handle = None
-
-    def __enter__(self) -> "BatchNormProbe":
-        self._handle = self.bn.register_forward_pre_hook(lambda _m, args: self.inputs.append(args[0].detach().float()))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-
-    def divergence(self, per_image: bool = True) -> torch.Tensor:
-        """D per image (``per_image``) or over the whole captured batch (one number)."""
-        if not self.inputs:
-            raise RuntimeError("no forward pass was captured")
-        x = torch.cat(self.inputs)
-        mean_r = self.bn.running_mean.float()
-        var_r = self.bn.running_var.float()
-        if per_image:
-            mean_b = x.mean(dim=(2, 3))
-            var_b = x.var(dim=(2, 3), unbiased=False)
-            return gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
-        mean_b = x.mean(dim=(0, 2, 3))
-        var_b = x.var(dim=(0, 2, 3), unbiased=False)
-        return gaussian_kl(mean_b, var_b, mean_r, var_r).mean()
-
-
-@torch.no_grad()
-def measure(model: nn.Module, inputs: torch.Tensor, per_image: bool = True) -> torch.Tensor:
-    """Run ``model`` (eval mode) on already-normalized ``inputs`` and return D (see module doc)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with BatchNormProbe(model) as probe:
-            model(inputs)
-        return probe.divergence(per_image=per_image)
-    finally:
-        model.train(was_training)
-
-
 # -- the calibrated meter ------------------------------------------------------------------------
 
 FEATURES = ("log_kl", "shift", "log_var_ratio")  # per layer, in this order (see the module doc)
@@ -186,8 +128,7 @@ class LayerProbe:
 
     def _hook(self, slot: int):
         def hook(_m, args):
-            x = args[0].detach().float()
-            self.captured[slot].append((x.mean(dim=(2, 3)), x.var(dim=(2, 3), unbiased=False)))
+            self.captured[slot].append(channel_stats(args[0]))
         return hook
 
     def __enter__(self) -> "LayerProbe":
@@ -202,20 +143,27 @@ class LayerProbe:
     def clear(self) -> None:
         self.captured = [[] for _ in self.bns]
 
-    def features(self) -> torch.Tensor:
-        """``(N, 3 * L)``: for each layer, log mean-KL, mean standardized shift, mean log variance ratio."""
+    def stats(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the per-image ``(mean, variance)`` of its input over every captured pass."""
         if not self.captured or not self.captured[0]:
             raise RuntimeError("no forward pass was captured")
-        return layer_features(self.bns, [(torch.cat([c[0] for c in caps]), torch.cat([c[1] for c in caps]))
-                                         for caps in self.captured])
+        return [(torch.cat([m for m, _ in caps]), torch.cat([v for _, v in caps])) for caps in self.captured]
+
+    def features(self) -> torch.Tensor:
+        """``(N, 3 * L)``: for each layer, log mean-KL, mean standardized shift, mean log variance ratio."""
+        return layer_features(self.bns, self.stats())
+
+    def divergences(self) -> list[torch.Tensor]:
+        """Per layer, D per image (:func:`cifar_transfer.divergence.bn_divergence`)."""
+        return [bn_divergence(s, running_stats(bn)) for bn, s in zip(self.bns, self.stats())]
 
 
 def layer_features(bns: list[nn.BatchNorm2d], stats: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """The meter's ``(N, 3 * L)`` features from each layer's per-image ``(mean, variance)`` of its input, however
     they were measured (:class:`LayerProbe`'s hooks, or the extra outputs of an ONNX export, see engine.py).
 
-    Per layer, in this order: log of the mean per-channel Gaussian KL divergence from the layer's running
-    statistics, the mean standardized shift of the channel means, and the mean log variance ratio. Computed for
+    Per layer, in this order: log of D (the mean per-channel Gaussian KL divergence from the layer's running
+    statistics, :func:`cifar_transfer.divergence.bn_divergence`), the mean standardized shift of the channel means, and the mean log variance ratio. Computed for
     all layers at once (one pass over the concatenated channels, then a per-layer average): the app runs this on
     every request, and a loop over 49 layers cost more than the arithmetic."""
     widths = [bn.num_features for bn in bns]
@@ -230,6 +178,7 @@ def layer_features(bns: list[nn.BatchNorm2d], stats: list[tuple[torch.Tensor, to
     f = sums / torch.tensor(widths, dtype=sums.dtype)[None, :, None]  # (N, L, 3): per-layer means
     f[:, :, 0] = f[:, :, 0].clamp_min(1e-6).log()
     return f.reshape(len(mean_b), 3 * len(widths))
+
 
 def channel_swap(x: torch.Tensor) -> torch.Tensor:
     """The same normalized batch with its first and last channels exchanged (RGB <-> BGR)."""

@@ -27,8 +27,9 @@ from .contract import CORRECT_KEY, DEFAULT_DEMO_VARIANTS, WRONG_VARIANTS, to_dis
 from .engine import make_engine
 from .images import (ALLOWED_FORMATS, MAX_FILE_BYTES, SUPPORTED, ImageInputError, decode, pixel_side, read_pixels,
                      square_pixels, to_rgb)
+from .divergence import bn_divergence, pooled_stats, running_stats
 from .meter import (CalibrationError, MeterCalibration, MeterReading, batchnorm_layers, channel_swap, find_calibration,
-                    first_layer_reading, gaussian_kl, layer_features)
+                    first_layer_reading, layer_features)
 
 __all__ = ["ALLOWED_FORMATS", "MAX_FILE_BYTES", "SUPPORTED", "ImageInputError", "Prediction", "Predictor",
            "VariantError", "VariantResult", "load_image", "shorten", "to_rgb"]
@@ -288,12 +289,9 @@ class Predictor:
 
     def _first_layer(self, per_layer) -> tuple[list[MeterReading], MeterReading]:
         """Without a calibration: the first batch-norm layer's divergence, per image and over the whole batch."""
-        bn, (mean_b, var_b) = self._bns[0], per_layer[0]
-        mean_r, var_r = bn.running_mean.float().cpu(), bn.running_var.float().cpu()
-        d = gaussian_kl(mean_b, var_b, mean_r, var_r).mean(dim=1)
-        pooled_mean = mean_b.mean(0)  # equal-sized images: the batch's statistics from the per-image ones
-        pooled_var = var_b.mean(0) + mean_b.var(0, unbiased=False)
-        whole = first_layer_reading(float(gaussian_kl(pooled_mean, pooled_var, mean_r, var_r).mean()))
+        running = running_stats(self._bns[0])
+        d = bn_divergence(per_layer[0], running)
+        whole = first_layer_reading(float(bn_divergence(pooled_stats(per_layer[0]), running)))
         return [first_layer_reading(float(v)) for v in d], whole
 
     def _panels(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[MeterReading]]:
