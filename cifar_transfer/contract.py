@@ -224,12 +224,14 @@ class ContractTransform(nn.Module):
         return f"contract={self.contract.name!r}, mean={self.contract.mean}, std={self.contract.std}"
 
 
-def to_display(x: torch.Tensor, expected: NormalizationContract) -> torch.Tensor:
-    """Map a network input back to [0, 1] RGB *as the model's contract reads it*.
+def to_display(x: torch.Tensor, expected: NormalizationContract, clip: bool = True) -> torch.Tensor:
+    """Map a network input back to [0, 1] RGB *as the model's contract reads it*: the one inverse of
+    :class:`ContractTransform`'s normalization (resizing is not undone).
 
     The correct contract round-trips to the original picture; a wrong variant
     shows what the network effectively perceives (washed out, saturated,
-    colour-swapped), clipped to the displayable range.
+    colour-swapped), clipped to the displayable range (``clip=False``: not clipped,
+    for asking which contract could have produced ``x``).
     """
     mean = torch.tensor(expected.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(expected.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -238,7 +240,7 @@ def to_display(x: torch.Tensor, expected: NormalizationContract) -> torch.Tensor
     x = x / expected.pixel_scale
     if expected.channel_order == "BGR":
         x = x.flip(1)
-    return x.clamp(0, 1)
+    return x.clamp(0, 1) if clip else x
 
 
 # -- presets -----------------------------------------------------------------

@@ -44,7 +44,7 @@ from torch import nn
 
 from .checkpoint import batchnorm_layers
 from .cli import HelpFormatter
-from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract
+from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract, to_display
 from .images import (IMAGE_EXTENSIONS, REDUCE_MARGIN, ImageInputError, decode, pixel_side, resize_side,
                      square_pixels)
 from .divergence import first_layer_divergence
@@ -462,21 +462,11 @@ class BatchCheck:
         return "\n".join(lines)
 
 
-def _inverse(x: torch.Tensor, c: NormalizationContract) -> torch.Tensor:
-    """Pixels 0..255 that ``c`` would have turned into ``x`` (ignores resizing)."""
-    mean = torch.tensor(c.mean, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(c.std, dtype=x.dtype).view(1, 3, 1, 1)
-    for _ in range(c.times):
-        x = x * std + mean
-    x = x * (255.0 / c.pixel_scale)
-    return x.flip(1) if c.channel_order == "BGR" else x
-
-
 def plausible_origins(x: torch.Tensor, reference: NormalizationContract) -> list[str]:
     """Candidates under which ``x`` maps back to 0..255 pixels that use a fair part of that range."""
     out = []
     for name, c in candidate_contracts(reference).items():
-        p = _inverse(x.detach().float().cpu(), c)
+        p = to_display(x.detach().float().cpu(), c, clip=False) * 255  # the pixels c would have turned into x
         inside = ((p >= -1) & (p <= 256)).float().mean().item()
         if inside >= 0.99 and (p.amax() - p.amin()).item() >= 64:
             out.append(name)
