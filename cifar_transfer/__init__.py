@@ -32,6 +32,8 @@ Instruments
 - ``meter``        the contract meter: do a network's inputs look like its batch-norm statistics?
 - ``meter_fit``    fitting the meter's calibration (``python -m cifar_transfer.meter``)
 - ``doctor``       ``python -m cifar_transfer.doctor``: which normalization do these weights expect?
+- ``doctor_evidence`` the doctor's evidence: candidates, per-image misfits, what the images separate
+- ``doctor_images`` the pictures the doctor reads
 
 The study of training under wrong normalization
 - ``study``        ``python -m cifar_transfer.study``: runs the cells (resumable)

@@ -29,208 +29,42 @@ images; "agrees" when every other candidate is; else "not sure", naming the
 candidates the images could not separate (often only the channel order).
 Batch-norm statistics never trained (running mean 0, variance 1) give "cannot
 judge". :func:`check_batch` checks a tensor your own pipeline produced.
+
+The evidence (candidates, misfits, the bootstrap and separation) is
+:mod:`cifar_transfer.doctor_evidence`; which pictures are read,
+:mod:`cifar_transfer.doctor_images`; this module holds the report, its verdict,
+:func:`check_batch` and the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import batchnorm_layers
+from .backbones import BACKBONES, BackboneError
+from .checkpoint import CheckpointError, batchnorm_layers, read_metrics
 from .cli import HelpFormatter
-from .contract import PRESETS, WRONG_VARIANTS, NormalizationContract, to_display
-from .images import (IMAGE_EXTENSIONS, REDUCE_MARGIN, ImageInputError, decode, pixel_side, resize_side,
-                     square_pixels)
+from .contract import WRONG_VARIANTS, NormalizationContract, to_display
 from .divergence import first_layer_divergence
-from .meter import CalibrationError, MeterCalibration, find_calibration, first_layer_reading, meter_features
+# The evidence and the pictures, and the names tests and benchmarks have always imported from here.
+from .doctor_evidence import (BOOTSTRAP, CONFIDENT, CONTENT_SPREAD, DECLARED, aliases,  # noqa: F401
+                              bootstrap_confidence, candidate_contracts, channel_margins, colour_cast_exchanged,
+                              first_shares, measure_all, resample_weights, separated, untrained_layers)
+from .doctor_images import (DEFAULT_SEED, EXAMPLES_DIR, DoctorError, builtin_images, describe_pick,  # noqa: F401
+                            load_images, pick_images, procedural_images, read_images)
+from .hub import resolve_checkpoint
+from .hub_refs import REPO_ID
+from .images import pixel_side, resize_side
+from .meter import CALIBRATION_FILE, CalibrationError, MeterCalibration, find_calibration, first_layer_reading, meter_features
+from .model import CifarTransferModel
 
-
-
-def _examples_dir() -> Path:
-    """The app's example images: installed, the package's copy (``cifar_transfer/examples``, shipped from the
-    repository's ``examples/`` by pyproject's package-data); in a checkout of the repository, ``examples/`` itself."""
-    here = Path(__file__).resolve().parent
-    installed = here / "examples"
-    return installed if installed.is_dir() else here.parent / "examples"
-
-
-EXAMPLES_DIR = _examples_dir()
 #: Fewer images than this: the doctor ranks but asks for more and never says "disagrees".
 MIN_IMAGES = 8
-#: Share of bootstrap resamples on which the first must beat a candidate for the two to count as separated.
-CONFIDENT = 0.95
-BOOTSTRAP = 400
-#: The first must also beat a candidate by this many standard deviations of the per-image differences, so that most
-#: single images agree: a folder of other content, as far from this one as its images are from each other, would
-#: still rank them the same. Sampling noise (the bootstrap) shrinks with more images; one class's colours do not.
-#: On the design folders (``python benchmarks/doctor_accuracy.py --split train``: CIFAR-10 train class folders and
-#: the design photographs) the evidence against the correct contract reached 0.35, the wrong normalizations 0.97 and
-#: more, the shipped checkpoint's channel order 0.30-0.85 (reported as not settled).
-CONTENT_SPREAD = 1.0
-#: Running statistics within this of mean 0, variance 1 count as never trained (PyTorch's initial values).
-UNTRAINED_ATOL = 1e-6
-DEFAULT_SEED = 0
-#: Pixels: without a calibration pictures are read no larger than they are, but not below this (the total stride of
-#: EfficientNet and ResNet: a smaller input leaves the deepest layers no feature map).
-MIN_SIDE = 32
-DECLARED = "declared"
-
-
-class DoctorError(RuntimeError):
-    """Bad model reference, image folder or batch; the message says what to do."""
-
-
-# -- candidates and scoring -------------------------------------------------------------------
-
-
-def candidate_contracts(reference: NormalizationContract) -> dict[str, NormalizationContract]:
-    """The presets, ``reference`` itself (as "declared", when no preset is it), then every wrong variant of
-    ``reference``; duplicates keep the first name.
-
-    All candidates use ``reference.input_size`` and interpolation, so only the normalization differs.
-    """
-    out: dict[str, NormalizationContract] = {}
-    pool = ([(name, c) for name, c in PRESETS.items()] + [(DECLARED, reference)]
-            + [(k, v.apply(reference)) for k, v in WRONG_VARIANTS.items()])
-    for name, contract in pool:
-        contract = contract.replace(input_size=reference.input_size, interpolation=reference.interpolation)
-        if not any(contract.same_normalization(seen) for seen in out.values()):
-            out[name] = contract
-    return out
-
-
-def aliases(name: str, candidates: dict[str, NormalizationContract], reference: NormalizationContract) -> list[str]:
-    """Other names for the same normalization (``other_model_stats`` may be ``imagenet``, and so on)."""
-    target = candidates[name]
-    names = [n for n, c in PRESETS.items() if c.same_normalization(target)]
-    names += [k for k, v in WRONG_VARIANTS.items() if v.apply(reference).same_normalization(target)]
-    if reference.same_normalization(target):
-        names.append(DECLARED)
-    return [n for n in dict.fromkeys(names) if n != name]
-
-
-def misfits(model: nn.Module, normalized: torch.Tensor, calibration: MeterCalibration | None,
-            features: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, str]:
-    """Per-image misfit of ``normalized`` inputs, and the meter's level for them as one batch.
-
-    Misfit: the calibrated meter's score, or its channel-swap evidence when larger (the negated paired channel
-    score); without a calibration, the log of the first batch-norm divergence. ``features``: the meter's
-    features and twin features of ``normalized``, when already measured.
-    """
-    if calibration is None:
-        pooled, per_image = first_layer_divergence(model, normalized)
-        return per_image.clamp_min(1e-12).log(), first_layer_reading(pooled).level
-    f, twin = features if features is not None else meter_features(model, normalized, calibration.layers)
-    s = calibration.scores(f, twin)
-    score, channel = calibration.batch_scores(s)
-    return torch.maximum(s.score, -s.channel), calibration.reading(score, channel, len(normalized)).level
-
-
-def measure_all(model: nn.Module, batches: list[torch.Tensor],
-                calibration: MeterCalibration | None) -> list[tuple[torch.Tensor, str]]:
-    """:func:`misfits` of each of ``batches`` (equal sizes); calibrated, all through one :func:`meter_features` call
-    (one engine, not one per batch)."""
-    feats = [None] * len(batches)
-    if calibration is not None:
-        f, twin = meter_features(model, torch.cat(batches), calibration.layers)
-        n = len(batches[0])
-        feats = [(f[i * n:(i + 1) * n], twin[i * n:(i + 1) * n]) for i in range(len(batches))]
-    return [misfits(model, b, calibration, fe) for b, fe in zip(batches, feats)]
-
-
-def resample_weights(n: int, groups: list | None = None, resamples: int = BOOTSTRAP, seed: int = 0) -> torch.Tensor:
-    """``(resamples, n)`` bootstrap weights of ``n`` images: their subfolders drawn with replacement, then the images
-    within each drawn subfolder (``groups``: one label per image; None: one folder, a plain bootstrap of images)."""
-    g = torch.Generator().manual_seed(seed)
-    codes = {v: i for i, v in enumerate(dict.fromkeys(groups))} if groups is not None else {None: 0}
-    labels = torch.tensor([codes[v] for v in groups]) if groups is not None else torch.zeros(n, dtype=torch.long)
-    k = len(codes)
-    folders = torch.zeros(resamples, k).scatter_add_(1, torch.randint(k, (resamples, k), generator=g), torch.ones(resamples, k))
-    weights = torch.zeros(resamples, n, dtype=torch.float64)
-    for f in range(k):
-        idx = torch.nonzero(labels == f).flatten()
-        draws = torch.randint(len(idx), (resamples, len(idx)), generator=g)
-        counts = torch.zeros(resamples, len(idx)).scatter_add_(1, draws, torch.ones(resamples, len(idx)))
-        weights[:, idx] = (counts * folders[:, f:f + 1]).double()
-    return weights
-
-
-def first_shares(per_image: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """For ``(C, N)`` per-image misfits of C candidates: the share of resamples (``weights``) on which each ranks first."""
-    means = per_image.double() @ weights.T / weights.sum(dim=1)  # (C, resamples)
-    return torch.bincount(means.argmin(dim=0), minlength=len(per_image)).double() / len(weights)
-
-
-def bootstrap_confidence(per_image: torch.Tensor, resamples: int = BOOTSTRAP, seed: int = 0,
-                         groups: list | None = None) -> torch.Tensor:
-    """For ``(C, N)`` per-image misfits of C candidates: the share of resamples (:func:`resample_weights`) on which
-    each ranks first."""
-    return first_shares(per_image, resample_weights(per_image.shape[1], groups, resamples, seed))
-
-
-def decide(names: list[str], per_image: torch.Tensor, groups: list | None = None) -> tuple[list[int], float]:
-    """Order of candidates (best first, by mean misfit) and the confidence in the first (bootstrap share)."""
-    order = per_image.double().mean(dim=1).argsort().tolist()
-    return order, float(bootstrap_confidence(per_image, groups=groups)[order[0]])
-
-
-def separated(margins: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For ``(K, N)`` per-image margins (a candidate's misfit minus the first's: positive where the first fits
-    better) and ``(R, N)`` bootstrap weights: (separated, share of resamples the first wins, effect size), per row.
-
-    Separated: the first wins on at least ``CONFIDENT`` of the resamples and by at least ``CONTENT_SPREAD``
-    standard deviations of the per-image margins."""
-    m = margins.double()
-    wins = ((m @ weights.T) > 0).double().mean(dim=1)
-    mean, sd = m.mean(dim=1), m.std(dim=1)
-    effect = torch.where(sd > 0, mean / sd.clamp_min(1e-300), torch.zeros_like(mean))
-    return (wins >= CONFIDENT) & (mean > 0) & (effect >= CONTENT_SPREAD), wins, effect
-
-
-def colour_cast_exchanged(pixels: torch.Tensor) -> torch.Tensor:
-    """``pixels`` (float) with the mean and standard deviation of the first and last channels exchanged, image by
-    image, each channel keeping its own pattern.
-
-    Read in the other channel order these pictures carry the originals' colour cast with red and blue's patterns
-    swapped, so :func:`channel_margins` compares the two channel orders at equal cast."""
-    x = pixels.double()
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    std = x.std(dim=(2, 3), keepdim=True).clamp_min(1e-3)  # a flat channel keeps its (constant) value
-    swap = [2, 1, 0]
-    return ((x - mean) / std * std[:, swap] + mean[:, swap]).float()
-
-
-def channel_margins(own: torch.Tensor, twin: torch.Tensor, own_exchanged: torch.Tensor,
-                    twin_exchanged: torch.Tensor) -> torch.Tensor:
-    """Per image: how much better a contract's channel order fits than its twin's (the other order) with the colour
-    cast held fixed; positive: its own order.
-
-    ``own``/``twin``: misfits of the images under the contract and under its twin; ``*_exchanged``: of
-    :func:`colour_cast_exchanged` images. ``own`` and ``twin_exchanged`` see the same channel means and spreads in
-    each input channel, only the patterns differ; so do ``twin`` and ``own_exchanged``."""
-    return 0.5 * ((twin_exchanged - own) + (twin - own_exchanged))
-
-
-def untrained_layers(model: nn.Module, layers: list[int]) -> list[str]:
-    """Names of the batch-norm layers among ``layers`` (indices into :func:`cifar_transfer.checkpoint.batchnorm_layers`)
-    whose running statistics are still PyTorch's initial ones, mean 0 and variance 1: nothing was measured into them.
-
-    ``num_batches_tracked`` is not asked alone: weights converted from another framework carry trained statistics
-    with a count of 0 (the bare ``efficientnet_lite0`` does)."""
-    bns = batchnorm_layers(model)
-    out = []
-    for i in layers:
-        name, bn = bns[i]
-        mean, var = bn.running_mean.detach().double(), bn.running_var.detach().double()
-        if mean.abs().max() <= UNTRAINED_ATOL and (var - 1).abs().max() <= UNTRAINED_ATOL:
-            out.append(name)
-    return out
 
 
 @dataclass
@@ -503,115 +337,20 @@ def check_batch(model: nn.Module, normalized_batch: torch.Tensor, calibration: M
                       plausible_origins(x, contract) if contract else [], channel, cal is not None)
 
 
-# -- images ---------------------------------------------------------------------------------------
-
-
-def pick_images(folder: str | Path, max_images: int = 64, seed: int = DEFAULT_SEED) -> list[tuple[Path, str]]:
-    """Up to ``max_images`` image files under ``folder`` (recursively), each with its subfolder (relative to
-    ``folder``; "." for its own files), sorted by path.
-
-    Drawn round-robin over the subfolders, in a seeded order, each subfolder's files in a seeded order: a folder
-    sorted by class gives every class its share, where its first files in sorted order would all be one class.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise DoctorError(f"image folder not found: {folder}")
-    groups: dict[str, list[Path]] = {}
-    for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-            groups.setdefault(p.parent.relative_to(folder).as_posix(), []).append(p)
-    rng = random.Random(seed)
-    queues = {g: rng.sample(files, len(files)) for g, files in groups.items()}
-    turn = rng.sample(sorted(queues), len(queues))
-    picked: list[tuple[Path, str]] = []
-    while len(picked) < max_images and any(queues.values()):
-        for g in turn:
-            if queues[g] and len(picked) < max_images:
-                picked.append((queues[g].pop(), g))
-    if len(picked) < 2:
-        raise DoctorError(f"{folder} holds {len(picked)} image(s) ({', '.join(IMAGE_EXTENSIONS)}); the doctor needs at least 2")
-    return sorted(picked)
-
-
-def describe_pick(folder: str | Path, picked: list[tuple[Path, str]], seed: int) -> str:
-    """Where :func:`pick_images`'s images came from, for the report ("... from 10 folders of DIR ...")."""
-    n = len({g for _, g in picked})
-    return f"{n} folders of {folder} (drawn round-robin, seed {seed})" if n > 1 else f"{folder} (seed {seed})"
-
-
-def read_images(paths: list[Path], size: int, contract: NormalizationContract | None = None,
-                enlarge: bool = True) -> torch.Tensor:
-    """``paths`` as ``(N, 3, size, size)`` uint8, read by the one image pipeline (:func:`cifar_transfer.images.decode`,
-    then :func:`cifar_transfer.images.square_pixels` with ``contract``'s resize policy; default: centre crop,
-    bilinear): with ``enlarge``, the pixels the dataset stores and the app reads for the same files at that size.
-
-    ``enlarge=False``: ``size`` is lowered to the smallest picture's shorter side (not below ``MIN_SIDE``), so no
-    picture is enlarged (see :func:`diagnose`: the first batch-norm layer reads enlarged pictures' blur as low contrast).
-    """
-    decoded = []
-    for p in paths:
-        try:
-            decoded.append(decode(p, reduce_to=REDUCE_MARGIN * size))
-        except ImageInputError as exc:
-            raise DoctorError(f"cannot read image {p}: {exc}") from None
-    if not enlarge:
-        size = max(MIN_SIDE, min(size, *(min(a.shape[:2]) for a in decoded)))
-    return torch.stack([square_pixels(a, size, contract) for a in decoded])
-
-
-def load_images(folder: str | Path, size: int, max_images: int = 64, contract: NormalizationContract | None = None,
-                seed: int = DEFAULT_SEED, enlarge: bool = True) -> torch.Tensor:
-    """:func:`pick_images`'s images under ``folder``, read by :func:`read_images`, in path order."""
-    return read_images([p for p, _ in pick_images(folder, max_images, seed)], size, contract, enlarge)
-
-
-def procedural_images(n: int = 16, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """Seeded synthetic scenes (smooth colour fields with a few hard-edged shapes), RGB uint8."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 4, 4, generator=g)
-    x = nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    for _ in range(3):
-        cy, cx, r = torch.rand(3, n, 1, 1, generator=g)
-        disc = ((yy - cy) ** 2 + (xx - cx) ** 2 < (0.1 + 0.2 * r) ** 2).unsqueeze(1)
-        x = torch.where(disc, torch.rand(n, 3, 1, 1, generator=g), x)
-    x = x + 0.03 * torch.randn(x.shape, generator=g)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def builtin_images(size: int, contract: NormalizationContract | None = None,
-                   enlarge: bool = True) -> tuple[torch.Tensor, str]:
-    """The app's example images (:data:`EXAMPLES_DIR`) when present, else procedural ones."""
-    if EXAMPLES_DIR.is_dir() and len([p for p in EXAMPLES_DIR.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]) >= 2:
-        return load_images(EXAMPLES_DIR, size, contract=contract, enlarge=enlarge), f"the built-in examples ({EXAMPLES_DIR})"
-    return procedural_images(size=size), "16 procedurally generated images"
-
-
 # -- models and command line ----------------------------------------------------------------------
 
 
 def load_model(ref: str, backbone_weights: str | None = None):
     """A BACKBONES name (pretrained weights, new head), or a checkpoint folder or Hub repo id: this package's, or any
     timm classifier's (its declared contract then comes from its pretrained_cfg)."""
-    model, name, _ = load_model_and_side(ref, backbone_weights)
+    model, name, _, _ = _load(ref, backbone_weights)
     return model, name
 
 
-def load_model_and_side(ref: str, backbone_weights: str | None = None):
-    """:func:`load_model`, and the side at which images are read for it: a checkpoint's training image size, as the
-    app reads uploads for it (:func:`cifar_transfer.images.pixel_side`), else the contract's resize side."""
-    model, name, side, _ = _load(ref, backbone_weights)
-    return model, name, side
-
-
 def _load(ref: str, backbone_weights: str | None = None):
-    """(model, name, side, checkpoint folder or None): :func:`load_model_and_side`, and where the checkpoint lies."""
-    from .backbones import BACKBONES
-    from .checkpoint import read_metrics
-    from .hub import resolve_checkpoint
-    from .hub_refs import REPO_ID
-    from .model import CifarTransferModel
-
+    """(model, name, side, checkpoint folder or None): :func:`load_model`, the side at which images are read for it
+    (a checkpoint's training image size, as the app reads uploads for it, :func:`cifar_transfer.images.pixel_side`;
+    else the contract's resize side), and where the checkpoint lies."""
     if Path(ref).is_dir() or (ref not in BACKBONES and REPO_ID.match(ref)):
         folder, model, note = resolve_checkpoint(ref)
         side = pixel_side(model.contract, read_metrics(folder)) or resize_side(model.contract)
@@ -627,8 +366,6 @@ def checkpoint_calibration(model: nn.Module, folder: Path | None) -> MeterCalibr
     """The meter calibration in a checkpoint's own folder (where the app's Predictor reads it too), checked against
     ``model``; None without one (:func:`diagnose` then looks for a shipped one that fits). An installed package has
     no shipped checkpoints beside it, so this is how it finds the calibration of ``checkpoints/...`` or a Hub repo."""
-    from .meter import CALIBRATION_FILE
-
     if folder is None or not (Path(folder) / CALIBRATION_FILE).is_file():
         return None
     return find_calibration(model, folder)
@@ -650,9 +387,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .backbones import BackboneError
-    from .checkpoint import CheckpointError
-
     args = get_args_parser().parse_args(argv)
     if args.max_images < 2:
         raise SystemExit("error: --max-images must be at least 2")

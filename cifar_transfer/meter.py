@@ -163,9 +163,10 @@ def layer_features(bns: list[nn.BatchNorm2d], stats: list[tuple[torch.Tensor, to
     they were measured (:class:`LayerProbe`'s hooks, or the extra outputs of an ONNX export, see engine.py).
 
     Per layer, in this order: log of D (the mean per-channel Gaussian KL divergence from the layer's running
-    statistics, :func:`cifar_transfer.divergence.bn_divergence`), the mean standardized shift of the channel means, and the mean log variance ratio. Computed for
-    all layers at once (one pass over the concatenated channels, then a per-layer average): the app runs this on
-    every request, and a loop over 49 layers cost more than the arithmetic."""
+    statistics, :func:`cifar_transfer.divergence.bn_divergence`), the mean standardized shift of the channel means,
+    and the mean log variance ratio. Computed for all layers at once (one pass over the concatenated channels, then
+    a per-layer average): the app runs this on every request, and a loop over 49 layers cost more than the
+    arithmetic."""
     widths = [bn.num_features for bn in bns]
     mean_b = torch.cat([m for m, _ in stats], dim=1).float().cpu()
     var_b = torch.cat([v for _, v in stats], dim=1).float().cpu().clamp_min(1e-12)
