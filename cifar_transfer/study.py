@@ -43,7 +43,7 @@ from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 from .data import DataError
 from .inference import prefix_runner
-from .meter import LayerProbe, gaussian_kl
+from .meter import LayerProbe
 from .model import CifarTransferModel
 from .runtime import environment_info
 from .checkpoint import atomic_write_text
@@ -51,7 +51,7 @@ from .study_report import docs_block, pct, regimes_markdown, replace_block, scal
 from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, REGIMES_128,
                             RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
-                            read_cells, regimes_for, round_sig, wilson)
+                            read_cells, regime_setup, regimes_for, round_sig, wilson)
 from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
 
 
@@ -82,7 +82,7 @@ class StudyConfig:
         """What must be equal for cells of one regime to be comparable (a resumed run checks it)."""
         setup = {"backbone": self.backbone, "input_size": self.input_size, "max_per_class": self.max_per_class,
                  "max_test_per_class": self.max_test_per_class, "epochs_scale": self.epochs_scale,
-                 "regime": dataclasses.asdict(regime)}
+                 "regime": regime_setup(regime)}
         if self.val_fraction:  # scored on a validation split: never mixed with test-set cells
             setup["val_fraction"] = self.val_fraction
         return setup
@@ -114,10 +114,7 @@ def probe(model: nn.Module, inputs: torch.Tensor) -> dict:
         with LayerProbe(model) as lp:
             for i in range(0, len(inputs), 256):
                 model(inputs[i:i + 256])
-        per_layer = []
-        for bn, caps in zip(lp.bns, lp.captured):
-            mean_b, var_b = torch.cat([c[0] for c in caps]), torch.cat([c[1] for c in caps])
-            per_layer.append(gaussian_kl(mean_b, var_b, bn.running_mean.float(), bn.running_var.float()).mean(dim=1))
+        per_layer = lp.divergences()
     finally:
         handle.remove()
         model.train(was)
@@ -129,18 +126,36 @@ def probe(model: nn.Module, inputs: torch.Tensor) -> dict:
 # -- one cell ------------------------------------------------------------------------------------------
 
 
-def _accuracy(logits_of, xs: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> tuple[float, float, torch.Tensor]:
+def _accuracy(views: list, labels: torch.Tensor, batch: int = 1000) -> dict:
+    """Score ``views``, a list of ``(logits_of, inputs)`` over the same images: the prediction is the argmax of their
+    mean softmax (one view: the plain argmax; two: flip test-time augmentation, as ``train --tta-flip``). Returns the
+    record's ``test`` fields; with several views also ``accuracy_one_view`` (the first view alone)."""
+    probs_all, probs_one = [], []
     with torch.inference_mode():
-        preds = torch.cat([logits_of(xs[i:i + batch]).argmax(1) for i in range(0, len(xs), batch)])
-    acc = (preds == labels.to(preds.device)).float().mean().item()
-    share = torch.bincount(preds.cpu()).max().item() / len(preds)
-    return acc, share, preds
-
-
-def _score(acc: float, share: float, n: int) -> dict:
+        for i in range(0, len(labels), batch):
+            probs = [f(x[i:i + batch]).float().softmax(1) for f, x in views]
+            probs_one.append(probs[0].argmax(1))
+            probs_all.append(torch.stack(probs).mean(0).argmax(1))
+    labels = labels.cpu()
+    preds = torch.cat(probs_all).cpu()
+    n, acc = len(preds), (preds == labels).float().mean().item()
     lo, hi = wilson(round(acc * n), n)
-    return {"accuracy": round_sig(acc), "ci95": [round_sig(lo), round_sig(hi)], "n": n,
-            "max_class_share": round_sig(share)}
+    out = {"accuracy": round_sig(acc), "ci95": [round_sig(lo), round_sig(hi)], "n": n,
+           "max_class_share": round_sig(torch.bincount(preds).max().item() / n)}
+    if len(views) > 1:
+        out["accuracy_one_view"] = round_sig((torch.cat(probs_one).cpu() == labels).float().mean().item())
+    return out
+
+
+class _Flipped(nn.Module):
+    """``preprocess`` then a horizontal flip: the second view of flip test-time augmentation."""
+
+    def __init__(self, preprocess: nn.Module):
+        super().__init__()
+        self.preprocess = preprocess
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.preprocess(x).flip(3)
 
 
 def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regime: Regime, ds, cfg: StudyConfig,
@@ -169,15 +184,17 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
     if cached:  # the frozen prefix's outputs, kept float32 on the device (prefix batches of 1000 images)
         memo_key = (key, regime.freeze_stages, regime.views, seed)
         if caches is not None and memo_key in caches:
-            train_cache, test_in = caches[memo_key]
+            train_cache, test_views = caches[memo_key]
         else:
             run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
             common = dict(device=device, seed=seed, batch_size=1000, dtype=torch.float32, store=device,
                           channels_last=regime.channels_last)
             train_cache = FeatureCache(run, ds.train, transform, views=regime.views, augment=True, **common)
-            test_in = FeatureCache(run, ds.test, transform, views=1, augment=False, **common).views[0]
+            # the test images' features, and with flip TTA those of their mirror images (through the prefix)
+            test_views = [FeatureCache(run, ds.test, t, views=1, augment=False, **common).views[0]
+                          for t in ([transform, _Flipped(transform)] if regime.tta_flip else [transform])]
             if caches is not None:
-                caches[memo_key] = (train_cache, test_in)
+                caches[memo_key] = (train_cache, test_views)
         batches = CachedBatches(train_cache, device, regime.batch_size, seed, flip=regime.flip)
     else:
         batches = ImageBatches(ds.train, transform, device, regime.batch_size, seed)
@@ -186,16 +203,21 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
 
     served = None  # once trained: the fixed model's runner (ONNX Runtime on a CPU), for the final scores
 
-    def test_logits(x: torch.Tensor) -> torch.Tensor:
-        return body(x) if cached else (served or model)(transform(x.to(device)))
+    def image_views(preprocess: nn.Module) -> list:
+        """The test images through ``preprocess`` and the trained model (and mirrored, with flip TTA)."""
+        net = served or model
+        views = [(lambda x: net(preprocess(x.to(device))), test_x)]
+        if regime.tta_flip:
+            views.append((lambda x: net(preprocess(x.to(device)).flip(3)), test_x))
+        return views
 
-    def score(index: torch.Tensor | None = None):
+    def score(index: torch.Tensor | None = None) -> dict:
+        """Test accuracy (flip TTA when the regime has it); on ``index`` (the curve's subset) the plain view only."""
         body.eval()
-        xs = test_in if cached else test_x
+        views = [(body, v) for v in test_views] if cached else image_views(transform)
         if index is not None:
-            xs = xs[index.to(xs.device)]
-        ys = test_y if index is None else test_y[index.to(device)]
-        return _accuracy(test_logits, xs, ys)
+            views = [(f, xs[index.to(xs.device)]) for f, xs in views[:1]]
+        return _accuracy(views, test_y if index is None else test_y[index.to(device)])
 
     steps = max(1, int(regime.epochs * cfg.epochs_scale * len(batches)))
     params = [p for p in body.parameters() if p.requires_grad]
@@ -213,7 +235,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
             stopped.append(step)  # not a number any more: training stops here
             return True
         if step in evals:
-            acc, _, _ = score(subset)
+            acc = score(subset)["accuracy"]
             recent = [v for v in losses[-max(1, steps // CURVE_EVALS):] if v is not None]
             curve["step"].append(step)
             curve["images"].append(step * regime.batch_size)
@@ -236,8 +258,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
     # the trained model, fixed from here on: ONNX Runtime on a CPU (exported once), the model itself elsewhere
     served = prefix_runner(model, cfg.input_size, cfg.engine)
     if stopped_at is None:
-        acc, share, _ = score()
-        test = _score(acc, share, len(test_y))
+        test = score()
     else:
         test = {"accuracy": None, "ci95": None, "n": len(test_y), "max_class_share": None}
     end = probe(model, transform(test_x[probe_idx].to(device)))
@@ -259,8 +280,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
             if wrong_key == CORRECT_KEY:
                 continue
             wt = wrong.transform().to(device)
-            acc, share, _ = _accuracy(lambda x: served(wt(x.to(device))), test_x, test_y)
-            served_wrong[wrong_key] = {**_score(acc, share, len(test_y)),
+            served_wrong[wrong_key] = {**_accuracy(image_views(wt), test_y),
                                  "divergence": probe(model, wt(test_x[probe_idx].to(device)))}
         record["served_wrong"] = served_wrong
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -310,7 +330,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     torch.manual_seed(0)
     initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size,
                                                weights_file=cfg.backbone_weights)
-    contracts = variant_contracts(initial.contract, keys)
+    contracts = variant_contracts(initial.contract, [CORRECT_KEY, *WRONG_VARIANTS])  # the correct cell serves every one
     env = environment_info(device)
     for regime, key, seed in todo:
         load_before = os.getloadavg()[0]  # the machine's 1-minute load: cells on a shared CPU say how shared it was
@@ -356,7 +376,8 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
 
     imgs = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8)
     total, per = 0.0, {}
-    full_eval = timed(lambda: _accuracy(lambda x: model(transform(x.to(device))), imgs[:500], torch.zeros(500, dtype=torch.long)), 2) / 500
+    full_eval = timed(lambda: _accuracy([(lambda x: model(transform(x.to(device))), imgs[:500])],
+                                        torch.zeros(500, dtype=torch.long)), 2) / 500
     for regime in cfg.regime_list():
         cut = split_frozen(copy.deepcopy(model), regime.freeze_stages)
         k, body = len(cut.prefix), cut.trainable
@@ -410,8 +431,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="hold out this share of the training set and score on it instead of the test set (how the "
                         "budgets were chosen; no served-wrong evaluation)")
     p.add_argument("--regimes", nargs="+", choices=list(REGIMES_128), help="regimes to run (default: all)")
-    p.add_argument("--variants", nargs="+", metavar="KEY", choices=list(WRONG_VARIANTS),
-                   help="wrong variants to run beside the correct contract (default: all)")
+    p.add_argument("--variants", nargs="*", metavar="KEY", choices=list(WRONG_VARIANTS),
+                   help="wrong variants to run beside the correct contract (default: all; none given: the correct "
+                        "contract's cells alone, e.g. to see each regime's floor first)")
     p.add_argument("--seeds", nargs="+", type=int, default=d.seeds, help="seeds; each adds a full set of cells")
     p.add_argument("--max-per-class", type=int, help="training images per class (default: all; for quick checks)")
     p.add_argument("--max-test-per-class", type=int, help="test images per class (default: all)")

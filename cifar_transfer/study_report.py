@@ -294,7 +294,8 @@ def regimes_markdown(regimes: dict) -> str:
     for r in regimes.values():
         cached = f", {r.views} cached view{'s' if r.views > 1 else ''} of the frozen prefix" if r.views else ""
         extra = "".join([f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else "",
-                         ", random flips of the cached feature maps" if r.flip else ""])
+                         ", random flips of the cached feature maps" if r.flip else "",
+                         ", scored with flip test-time augmentation" if r.tta_flip else ""])
         lines.append(f"- **{r.key}**: {r.title.split(': ', 1)[-1]}; {r.epochs:g} epoch{'s' if r.epochs != 1 else ''}, batch {r.batch_size}, "
                      f"peak lr {r.lr:g} (SGD, Nesterov momentum 0.9, weight decay {r.weight_decay:g}){cached}{extra}.")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ atomically) and the statistics a cell records (intervals, divergence and collaps
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class Regime:
     weight_decay: float = 5e-4
     flip: bool = False  # flip each cached feature map at random, as train's --cache-features does (32 px: no flip)
     channels_last: bool = False  # channels-last tensors, as train's --channels-last (speed on a CPU, same numbers)
+    tta_flip: bool = False  # score the mean softmax of each test image and its mirror, as train's --tta-flip
 
 
 WARMUP = 0.05  # fraction of a cell's steps warming the learning rate up linearly (then cosine to zero), every regime
@@ -85,15 +87,23 @@ REGIMES: dict[str, Regime] = {r.key: r for r in (
 # (the same for every preprocessing): results/study-128px/budgets/README.md says which runs chose them.
 REGIMES_128: dict[str, Regime] = {r.key: r for r in (
     Regime("frozen", "Frozen backbone: linear head on pooled features, batch-norm statistics frozen",
-           freeze_stages=-1, epochs=10, batch_size=256, lr=0.05, views=2),
+           freeze_stages=-1, epochs=10, batch_size=256, lr=0.05, views=2, tta_flip=True),
     Regime("partial", "Partial fine-tune: stem + 4 stages frozen with their batch-norm statistics, later stages trained",
            freeze_stages=5, epochs=4, batch_size=128, lr=0.1, views=1, label_smoothing=0.1, flip=True,
-           channels_last=True),
+           channels_last=True, tta_flip=True),
     Regime("full", "Full fine-tune: every layer trained, batch-norm in training mode",
-           freeze_stages=0, epochs=1, batch_size=64, lr=0.01, views=0, label_smoothing=0.1, channels_last=True),
+           freeze_stages=0, epochs=1, batch_size=64, lr=0.01, views=0, label_smoothing=0.1, channels_last=True,
+           tta_flip=True),
 )}
 SCALES: dict[int, dict[str, Regime]] = {128: REGIMES_128, 32: REGIMES}  # input size -> its regimes
 SCALE_DIRS: dict[int, Path] = {128: RESULTS_DIR_128, 32: RESULTS_DIR}
+
+
+def regime_setup(regime: Regime) -> dict:
+    """The regime as a cell's ``setup`` records it. The fields added for the 128-px run (flip, channels-last, flip
+    TTA) are left out while off, so the 32-px cells, recorded before they existed, still resume."""
+    d = dataclasses.asdict(regime)
+    return {k: v for k, v in d.items() if k not in ("flip", "channels_last", "tta_flip") or v}
 
 
 def regimes_for(input_size: int) -> dict[str, Regime]:

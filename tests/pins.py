@@ -64,7 +64,12 @@ def measure_study(cells: list[dict]) -> dict:
     """Per cell: test accuracy, binned losses and gradient norms, the probes, the served-wrong scores."""
     keep = ("test", "loss_binned", "grad_norm_binned", "grad_norm", "divergence", "served_wrong", "steps", "steps_done",
             "stopped_at")
-    return {c["key"]: {k: c[k] for k in keep if k in c} | {"curve": c["curve"]["test_subset_acc"]} for c in cells}
+    pinned = set(STUDY_CONFIG["variants"])  # the correct cell now serves every wrong variant; the pins hold these
+    out = {c["key"]: {k: c[k] for k in keep if k in c} | {"curve": c["curve"]["test_subset_acc"]} for c in cells}
+    for rec in out.values():
+        if "served_wrong" in rec:
+            rec["served_wrong"] = {k: v for k, v in rec["served_wrong"].items() if k in pinned}
+    return out
 
 
 def measure_experiment(results: dict) -> dict:
