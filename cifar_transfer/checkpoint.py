@@ -185,7 +185,7 @@ PRETRAINED_CFG_SOURCE = "contract from the repo's pretrained_cfg"
 def check_timm_config(config: dict[str, Any], where: str = CONFIG_NAME) -> dict[str, Any]:
     """Validate a plain timm classifier's config.json: a timm architecture, its class count and labels, and a
     ``pretrained_cfg`` this package can turn into a contract. Returns it."""
-    import timm
+    import timm  # timm, torchvision with it, takes ~1.8 s to import: paid only for a timm checkpoint of another project
 
     arch = config.get("architecture")
     if not isinstance(arch, str) or not timm.is_model(arch):
@@ -214,7 +214,7 @@ def timm_label_names(config: dict[str, Any], where: str = CONFIG_NAME) -> list[s
         names = [by_index.get(i) for i in range(n)]
     if names is None:
         if n == 1000:
-            from timm.data import ImageNetInfo
+            from timm.data import ImageNetInfo  # timm is slow to import (see check_timm_config)
 
             info = ImageNetInfo()
             names = [info.index_to_description(i) for i in range(n)]
@@ -236,7 +236,7 @@ def contract_from_pretrained_cfg(pretrained_cfg: Any, where: str = CONFIG_NAME) 
     """The contract timm itself applies to a model with this ``pretrained_cfg`` (``timm.data.resolve_data_config``,
     so timm's defaults fill what it leaves out): mean, std, input size, interpolation, crop; RGB pixels in [0, 1],
     normalized once (timm's data pipeline cannot say otherwise)."""
-    from timm.data import resolve_data_config
+    from timm.data import resolve_data_config  # timm is slow to import (see check_timm_config)
 
     if not isinstance(pretrained_cfg, dict):
         raise CheckpointError(f"{where}: pretrained_cfg must be a JSON object")

@@ -124,7 +124,7 @@ class OnnxEngine:
         self._open()
 
     def _open(self) -> None:
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional (the onnx extra): imported where used, so an install without it runs PyTorch
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
@@ -136,7 +136,7 @@ class OnnxEngine:
 
     def key(self) -> str:
         """Hash of everything the export depends on: weights and buffers, input size, probed layers, versions."""
-        import onnxruntime as ort
+        import onnxruntime as ort  # optional (the onnx extra): imported where used, so an install without it runs PyTorch
 
         h = hashlib.sha256()
         for name, tensor in self.model.state_dict().items():
@@ -186,7 +186,7 @@ def make_engine(model: nn.Module, layers: list[str], input_size: int, prefer: st
     if prefer == "pytorch" or (prefer == "auto" and device.type != "cpu"):
         return TorchEngine(model, layers)
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: F401 - optional (the onnx extra): is it installed?
     except ImportError:
         _say_once("onnxruntime is not installed: running inference with PyTorch (pip install onnxruntime is faster on a CPU)")
         return TorchEngine(model, layers)

@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from .card import write_model_card
+from .checkpoint import METRICS_NAME, PRETRAINED_CFG_SOURCE, CheckpointError, atomic_write_json, read_metrics
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, variant_contracts, variant_title
+from .data import DataError, load_dataset
+from .hub import resolve_checkpoint
+from .images import pixel_side
 from .inference import class_probabilities, prefix_runner
+from .runtime import pick_device
 
 
 # Images per evaluation batch. Small batches stay in the CPU cache: scoring the 10,000 test images with flip TTA at
@@ -43,8 +51,6 @@ def predict_probabilities(model, split, *, contract=None, device=None, batch_siz
     """Class probabilities for every image of ``split`` under ``contract`` (default: the model's own).
 
     ``engine``: see :func:`network` (``net``, if given, is such a network already made)."""
-    from tqdm.auto import tqdm
-
     device = device or model.device
     model.eval()
     net = net or network(model, device, engine)
@@ -105,15 +111,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pathlib import Path
-
-    from .card import write_model_card
-    from .data import DataError, load_dataset
-    from .checkpoint import METRICS_NAME, PRETRAINED_CFG_SOURCE, CheckpointError, atomic_write_json, read_metrics
-    from .hub import resolve_checkpoint
-    from .images import pixel_side
-    from .runtime import pick_device
-
     args = get_args_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

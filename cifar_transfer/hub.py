@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from .checkpoint import CALIBRATION_NAME, CARD_NAME, CONFIG_NAME, METRICS_NAME, PRETRAINED_CFG_SOURCE, WEIGHTS_NAME, CheckpointError
 from .hub_refs import HubUnavailable, could_be_repo_id, describe_hub_error, hub_unreachable
 from .model import CifarTransferModel, load_checkpoint
@@ -49,8 +51,6 @@ def _loaded(folder: Path, note: str) -> tuple[CifarTransferModel, str]:
 
 def _from_hub(ref: str, revision: str | None) -> tuple[Path, str]:
     """Download (online) or look up (offline, unreachable) the snapshot; say which."""
-    from huggingface_hub import snapshot_download
-
     why = hub_unreachable(ref, revision)
     if why is None:
         folder = snapshot_download(ref, revision=revision, allow_patterns=CHECKPOINT_FILES)

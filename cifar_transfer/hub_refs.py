@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -34,9 +36,6 @@ def hub_unreachable(ref: str, revision: str | None = None, token: str | bool | N
     answers. One request, without the client's retries (a download retries a dead connection 5 times, about 30 s).
     A Hub that answers there is no such repository or revision raises that: a wrong name is not a reason to use a
     stale cache."""
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     if constants.is_offline_mode():
         return "offline mode, HF_HUB_OFFLINE=1"
     try:
@@ -50,10 +49,6 @@ def hub_unreachable(ref: str, revision: str | None = None, token: str | bool | N
 
 def describe_hub_error(exc: BaseException) -> str:
     """One line saying what went wrong talking to the Hub (never includes credentials)."""
-    from huggingface_hub import constants
-    from huggingface_hub.errors import (HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
-
     if isinstance(exc, HubUnavailable):
         return str(exc)
     if isinstance(exc, OfflineModeIsEnabled):
@@ -75,7 +70,7 @@ def describe_hub_error(exc: BaseException) -> str:
 def _is_connection_error(exc: BaseException) -> bool:
     kinds: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
     try:
-        import httpx2  # the HTTP client huggingface_hub 2 uses
+        import httpx2  # the HTTP client huggingface_hub 2 uses; absent with other versions, hence here and guarded
 
         kinds += (httpx2.TransportError,)
     except ImportError:

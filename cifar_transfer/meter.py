@@ -54,6 +54,7 @@ from torch import nn
 
 from .checkpoint import CALIBRATION_NAME, batchnorm_layers, fingerprint
 from .divergence import bn_divergence, channel_stats, gaussian_kl, running_stats
+from .engine import make_engine
 
 # First-layer readings (upper bounds of D per image), for models WITHOUT a calibration only. Measured on 200
 # CIFAR-10 test images with the ImageNet EfficientNet-Lite0 weights at 96 px: correct D per image had median 0.34,
@@ -491,8 +492,6 @@ def meter_features(model: nn.Module, normalized: torch.Tensor, layers: list[int]
     """Features of ``normalized`` (and of its channel-swapped twin) in one forward pass per chunk, eval mode.
 
     The layer statistics come from the inference engine (``engine``: ONNX Runtime on a CPU, see engine.py)."""
-    from .engine import make_engine
-
     was_training = model.training
     model.eval()
     chosen = batchnorm_layers(model)

@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import nn
 
 from . import backbones
 from .backbones import DEFAULT_BACKBONE, BackboneError, backbone_for_architecture, get_backbone
+from .card import render_model_card
 from .checkpoint import (  # noqa: F401 - re-exported: app.py and others import these from here
     CARD_NAME, CONFIG_NAME, FORMAT, LIBRARY_NAME, LICENSE, METRICS_NAME, PIPELINE_TAG, PRETRAINED_CFG_SOURCE, TAGS,
     WEIGHTS_NAME, CheckpointError, atomic_write_bytes, atomic_write_json, atomic_write_text, check_config,
@@ -168,7 +172,7 @@ class CifarTransferModel(
     # -- config.json ----------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """``config.json``: timm's own export of the model and its data config, plus our format and contract."""
-        from timm.models._hub import save_config_for_hf
+        from timm.models._hub import save_config_for_hf  # timm takes ~1.8 s to import: only saving needs this
 
         if self.format is None:
             raise CheckpointError(f"this {self.architecture} is another project's timm classifier, loaded to be served; "
@@ -191,8 +195,6 @@ class CifarTransferModel(
     def _save_pretrained(self, save_directory: Path) -> None:
         """Weights (timm names), config.json and metrics.json, each written atomically. The mixin then writes
         the card from :meth:`generate_model_card`; a stale one is removed first so it is always regenerated."""
-        from safetensors.torch import save
-
         save_directory = Path(save_directory)
         config = self.config()
         state = {k: v.detach().contiguous().cpu() for k, v in self.net.state_dict().items()}
@@ -204,8 +206,6 @@ class CifarTransferModel(
 
     def generate_model_card(self, *args, repo_id: str | None = None, **kwargs) -> ModelCard:
         """The project's card (not the mixin's template), for ``save_pretrained`` and ``push_to_hub`` alike."""
-        from .card import render_model_card
-
         return _AtomicCard(render_model_card(self.config(), self.metrics, repo_id))
 
     @classmethod
@@ -216,9 +216,6 @@ class CifarTransferModel(
         path (``./x``, ``/x``, ``~/x``, ``a/b/c``...) and names no folder fails at once. A Hub repo id is asked of
         the Hub once, without the client's retries (about 30 s on a dead connection); unreachable, only the cache is
         used. When neither gives it, the error says so, and that there is no local folder of that name either."""
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-
-
         ref = str(pretrained_model_name_or_path)
         local = os.path.expanduser(ref)
         if os.path.isdir(local):
@@ -240,14 +237,9 @@ class CifarTransferModel(
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
                          map_location: str = "cpu", strict: bool = True, **model_kwargs):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         def fetch(name: str) -> str:
             if os.path.isdir(model_id):
                 return os.path.join(model_id, name)
-            from huggingface_hub import hf_hub_download
-
             return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir, force_download=force_download,
                                    local_files_only=local_files_only, token=token)
 
@@ -285,8 +277,6 @@ def _build(cls, model_kwargs: dict[str, Any]) -> CifarTransferModel:
 
 def _optional_metrics(fetch) -> dict | None:
     """The checkpoint's metrics.json (checked: :func:`read_metrics`), ``None`` without one."""
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
     try:
         path = fetch(METRICS_NAME)
     except (EntryNotFoundError, LocalEntryNotFoundError):

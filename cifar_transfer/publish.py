@@ -18,6 +18,9 @@ import json
 import tempfile
 from pathlib import Path
 
+from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, RevisionNotFoundError
+
 from .card import render_model_card
 from .hub_refs import REPO_ID, describe_hub_error
 from .checkpoint import CALIBRATION_NAME, CARD_NAME, CONFIG_NAME, METRICS_NAME, WEIGHTS_NAME, CheckpointError, read_config, read_metrics
@@ -40,8 +43,6 @@ def publish(checkpoint: str | Path, repo_id: str, *, private: bool = False, revi
 def publish_checkpoint(checkpoint: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                        commit_message: str | None = None, token: str | None = None) -> dict:
     """As :func:`publish`; returns ``{"url", "commit_url", "commit", "files", "created"}``."""
-    from huggingface_hub import CommitOperationAdd, HfApi, get_token
-
     folder = Path(checkpoint)
     try:
         config, metrics = read_config(folder), read_metrics(folder)
@@ -78,8 +79,6 @@ def publish_checkpoint(checkpoint: str | Path, repo_id: str, *, private: bool = 
 
 def _create_repo(api, repo_id: str, private: bool, revision: str | None, token: str) -> bool:
     """Create the repo; True if it is new. An existing repo is reused only if it holds a cifar-transfer checkpoint."""
-    from huggingface_hub.errors import HfHubHTTPError
-
     namespace = repo_id.split("/")[0]
     try:
         api.create_repo(repo_id, private=private)
@@ -104,8 +103,6 @@ def _create_repo(api, repo_id: str, private: bool, revision: str | None, token: 
 
 def _check_existing(api, repo_id: str, revision: str | None, token: str) -> None:
     """Refuse to commit into an existing repo that holds something other than a cifar-transfer checkpoint."""
-    from huggingface_hub.errors import RevisionNotFoundError
-
     try:
         try:
             rev = revision

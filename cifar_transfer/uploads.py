@@ -40,7 +40,7 @@ SWEEP_EVERY_S = 60
 
 def upload_folder() -> Path:
     """Gradio's upload/cache folder (``$GRADIO_TEMP_DIR`` or ``<tmp>/gradio``), resolved."""
-    from gradio.utils import get_upload_folder
+    from gradio.utils import get_upload_folder  # gradio takes ~2.2 s to import: the guard and janitor do not need it
 
     return Path(get_upload_folder()).resolve()
 
