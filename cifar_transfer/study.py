@@ -1,23 +1,30 @@
 """The seed's training claims at full scale: every preprocessing, trained and served, in three regimes.
 
-    python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg            # all cells, resumable
-    python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg --estimate # time a few steps, project the total
-    python -m cifar_transfer.study --summary                                             # tables and verdicts, markdown
+    python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg --output results/study-128px   # seed 0, resumable
+    python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg --estimate   # time a few steps, project the total
+    python -m cifar_transfer.study --summary                                               # tables and verdicts, markdown
 
-For the correct contract and every wrong variant, a pretrained backbone is fine-tuned on the whole training
-set *with that preprocessing* and scored on the whole test set with the same preprocessing, in three regimes
-(same budget and hyper-parameters for every cell of a regime):
+For the correct contract and every wrong variant, a pretrained backbone is fine-tuned on the whole training set
+*with that preprocessing* and scored on the whole test set with the same preprocessing, in three regimes (same
+budget and hyper-parameters for every cell of a regime; the budgets of each input size live in
+:mod:`cifar_transfer.study_results`: 128 px, the shipped checkpoint's size, chosen on a validation split; 32 px, the
+small-input appendix):
 
 * ``frozen``: a linear head on pooled features; every stage and its batch-norm statistics frozen. The network
   cannot adapt to a wrong input.
 * ``partial``: the shipped recipe's cut: stem and the first four stages frozen with their batch-norm
-  statistics, later stages trained (batch-norm in training mode); a shorter budget than the recipe.
+  statistics, later stages trained (batch-norm in training mode).
 * ``full``: every layer trained, batch-norm in training mode.
 
 The correctly trained model of each regime is then also served every wrong variant (the train/serve mismatch).
 Each finished cell is appended, atomically, to ``cells.jsonl`` in the output folder; a rerun skips the cells it
-holds, so the study resumes cell by cell. ``results/study`` holds the shipped run; by default a run writes to a
-fresh ``runs/study-<UTC time>``. The quick, small-scale version is ``python -m cifar_transfer.experiment``.
+holds, so the study resumes cell by cell. ``results/study-128px`` and ``results/study`` (32 px) hold the recorded
+runs; by default a run writes to a fresh ``runs/study-<UTC time>``. ``--val-fraction`` scores on a held-out share
+of the training set instead (how the 128-px budgets were chosen: ``benchmarks/study_budgets.py``). The quick,
+small-scale version is ``python -m cifar_transfer.experiment``.
+
+Slightly over 500 lines: one cell's caching, training, scoring and probes share its state (the cut, the caches, the
+trained model's runner) and read best as one function beside the loop over cells and its command line.
 """
 
 from __future__ import annotations

@@ -301,6 +301,18 @@ def regimes_markdown(regimes: dict) -> str:
     return "\n".join(lines)
 
 
+def runs_markdown(cells: list[dict]) -> str:
+    """Where and how long each cell ran, with the machine's load average before and after it (cells recorded
+    before the load was kept show a dash)."""
+    lines = ["| cell | device | wall (min) | training (min) | load average before → after |", "|---|---|---:|---:|---|"]
+    for c in cells:
+        env, load = c.get("environment", {}), c.get("load_average")
+        device = env.get("gpu") or f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} threads)"
+        lines.append(f"| {c['key']} | {device} | {c['wall_seconds'] / 60:.1f} | {c['train_seconds'] / 60:.1f} | "
+                     + (f"{load['before']:.2f} → {load['after']:.2f} |" if load else "— |"))
+    return "\n".join(lines)
+
+
 def docs_block(cells: list[dict]) -> str:
     """What docs/study.md shows of one set of cells: progress, the compact table and the verdicts."""
     if not cells:
@@ -308,6 +320,8 @@ def docs_block(cells: list[dict]) -> str:
     parts = [summary_markdown(cells).split("\n\n", 1)[0], progress_note(cells),
              readme_table(cells), "**Verdict per claim and regime** (seed 0, `study_report.verdicts`):",
              verdicts_markdown(cells)]
+    if any("load_average" in c for c in cells):  # runs that record their load (the 32-px run predates it)
+        parts += ["**Where each cell ran** (from the cells):", runs_markdown(cells)]
     return "\n\n".join(p for p in parts if p)
 
 
