@@ -47,7 +47,9 @@ CANDIDATES: dict[str, dict[str, dict]] = {
                "lr0.05-10ep-tta": dict(lr=0.05, epochs=10, tta_flip=True),
                "lr0.05-10ep-wd0-tta": dict(lr=0.05, epochs=10, weight_decay=0.0, tta_flip=True)},
     "partial": {"1view-4ep-lr0.1-tta": dict(views=1, epochs=4, lr=0.1, tta_flip=True)},
-    "full": {"1ep-lr0.01-tta": dict(epochs=1, lr=0.01, tta_flip=True)},
+    "full": {"1ep-lr0.01-tta": dict(epochs=1, lr=0.01, tta_flip=True),
+             "1ep-lr0.003-tta": dict(epochs=1, lr=0.003, tta_flip=True),
+             "1ep-lr0.001-tta": dict(epochs=1, lr=0.001, tta_flip=True)},
 }
 
 
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--regimes", nargs="+", choices=list(CANDIDATES), default=list(CANDIDATES))
     p.add_argument("--output", default=str(RESULTS_DIR_128 / "budgets"), help="where the candidates' cells go")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these candidates (two processes side by side "
+                   "write to two --output folders; their cells.jsonl files are then concatenated)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     for regime_key in args.regimes:
         for label, change in CANDIDATES[regime_key].items():
             key = f"{regime_key}/{label}"
+            if args.only and label not in args.only:
+                continue
             if key in done:
                 print(f"{key}: done before", flush=True)
                 continue
