@@ -56,7 +56,7 @@ from .runtime import environment_info
 from .checkpoint import atomic_write_text
 from .study_report import docs_block, pct, regimes_markdown, replace_block, scale_comparison, summary_markdown, write_plots
 from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, REGIMES_128,
-                            RESULTS_DIR_128, SCALE_DIRS,
+                            PENDING, RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
                             read_cells, regime_setup, regimes_for, round_sig, wilson)
 from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
@@ -179,7 +179,10 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
     if regime.channels_last:
         model.to(memory_format=torch.channels_last)
     cut = split_frozen(model, regime.freeze_stages)
-    body = cut.trainable
+    body, pool = cut.trainable, None
+    if regime.views > 0 and len(body) == 1:  # only the head trains: its parameter-free pooling runs once, with the
+        head = body[0]                       # prefix, so the cache holds pooled features (1/16 the memory at 128 px)
+        pool, body = head.pre, nn.Sequential(head.dropout, head.fc)
     transform = contract.transform().to(device)
     test_x = ds.test.images
     probe_idx = torch.linspace(0, len(test_x) - 1, min(PROBE_IMAGES, len(test_x))).long()
@@ -193,7 +196,8 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         if caches is not None and memo_key in caches:
             train_cache, test_views = caches[memo_key]
         else:
-            run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
+            prefix_run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
+            run = prefix_run if pool is None else (lambda x: pool(prefix_run(x)))
             common = dict(device=device, seed=seed, batch_size=1000, dtype=torch.float32, store=device,
                           channels_last=regime.channels_last)
             train_cache = FeatureCache(run, ds.train, transform, views=regime.views, augment=True, **common)
@@ -324,6 +328,11 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     seeds = list(dict.fromkeys(cfg.seeds))
     keys = [CORRECT_KEY, *(cfg.variants if cfg.variants is not None else WRONG_VARIANTS)]
     todo = [(r, k, s) for s in seeds for r in regimes for k in keys if f"{r.key}/{k}/seed{s}" not in done]
+    pending = sorted({r.key for r, _, _ in todo} & set(PENDING.get(cfg.input_size, {})))
+    if pending and not cfg.val_fraction:
+        raise StudyError(f"no budget has been chosen yet for the {', '.join(pending)} regime at {cfg.input_size} px "
+                         f"({'; '.join(PENDING[cfg.input_size][k] for k in pending)}); run the other regimes "
+                         "(--regimes) or choose one with benchmarks/study_budgets.py")
     log(f"study: {len(done)} cells done, {len(todo)} to run, on {device} -> {out / CELLS_NAME}")
     if not todo:
         return list(done.values())
