@@ -329,7 +329,11 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     keys = [CORRECT_KEY, *(cfg.variants if cfg.variants is not None else WRONG_VARIANTS)]
     todo = [(r, k, s) for s in seeds for r in regimes for k in keys if f"{r.key}/{k}/seed{s}" not in done]
     pending = sorted({r.key for r, _, _ in todo} & set(PENDING.get(cfg.input_size, {})))
-    if pending and not cfg.val_fraction:
+    if pending and not cfg.val_fraction and cfg.regimes is None:  # all regimes by default: the chosen ones only
+        log(f"study: skipping the {', '.join(pending)} regime at {cfg.input_size} px: no budget chosen yet "
+            f"({'; '.join(PENDING[cfg.input_size][k] for k in pending)})")
+        todo = [t for t in todo if t[0].key not in pending]
+    elif pending and not cfg.val_fraction:
         raise StudyError(f"no budget has been chosen yet for the {', '.join(pending)} regime at {cfg.input_size} px "
                          f"({'; '.join(PENDING[cfg.input_size][k] for k in pending)}); run the other regimes "
                          "(--regimes) or choose one with benchmarks/study_budgets.py")
@@ -498,7 +502,7 @@ def write_docs(path: Path) -> None:
     by_size = {size: read_cells(folder) for size, folder in SCALE_DIRS.items()}
     for size, cells in by_size.items():
         text = replace_block(text, f"study-{size}px", docs_block(cells))
-    text = replace_block(text, "study-128px-setup", regimes_markdown(REGIMES_128))
+    text = replace_block(text, "study-128px-setup", regimes_markdown(REGIMES_128, PENDING.get(128)))
     comparison = scale_comparison(by_size[128], by_size[32])
     if comparison:
         text = replace_block(text, "study-scales", comparison)

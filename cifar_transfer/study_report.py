@@ -288,10 +288,14 @@ def replace_block(text: str, name: str, block: str) -> str:
     return f"{head}{begin}\n{block.strip()}\n{end}{rest.split(end, 1)[1]}"
 
 
-def regimes_markdown(regimes: dict) -> str:
-    """One line per regime: its cut and budget, as the code defines it (docs/study.md shows it)."""
+def regimes_markdown(regimes: dict, pending: dict[str, str] | None = None) -> str:
+    """One line per regime: its cut and budget, as the code defines it (docs/study.md shows it); a ``pending``
+    regime (no budget cleared its floor on validation yet) says so and why."""
     lines = []
     for r in regimes.values():
+        if r.key in (pending or {}):
+            lines.append(f"- **{r.key}**: {r.title.split(': ', 1)[-1]}; **no budget chosen yet**: {pending[r.key]}.")
+            continue
         cached = f", {r.views} cached view{'s' if r.views > 1 else ''} of the frozen prefix" if r.views else ""
         extra = "".join([f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else "",
                          ", random flips of the cached feature maps" if r.flip else "",

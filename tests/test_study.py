@@ -224,7 +224,7 @@ def test_docs_carry_the_tables_and_verdicts_of_the_recorded_cells(size):
 
 def test_docs_carry_the_budgets_the_code_runs_and_the_comparison_of_the_scales():
     docs = DOCS.read_text(encoding="utf-8")
-    setup = study_report.regimes_markdown(study_results.REGIMES_128)
+    setup = study_report.regimes_markdown(study_results.REGIMES_128, study_results.PENDING.get(128))
     assert study_report.replace_block(docs, "study-128px-setup", setup) == docs
     comparison = study_report.scale_comparison(study_results.read_cells(study_results.RESULTS_DIR_128),
                                                study_results.read_cells(study_results.RESULTS_DIR))
@@ -311,5 +311,10 @@ def test_the_128px_budgets_are_the_validated_ones():
 
 def test_a_regime_without_a_validated_budget_is_refused(tmp_path, monkeypatch):
     monkeypatch.setitem(study_results.PENDING, 32, {"full": "not chosen (test)"})
+    make_folder_dataset(tmp_path / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
+    logs: list[str] = []
+    cells = study.run_study(_cfg(tmp_path, output=str(tmp_path / "default"), variants=[]), log=logs.append)
+    assert {c["regime"] for c in cells} == {"frozen", "partial"}  # by default: the regimes with a chosen budget
+    assert any("skipping the full regime at 32 px" in line and "not chosen (test)" in line for line in logs)
     with pytest.raises(study_results.StudyError, match="no budget has been chosen yet for the full regime at 32 px"):
         study.run_study(_cfg(tmp_path, regimes=["full"]), log=lambda *_: None)
