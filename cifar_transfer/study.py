@@ -133,7 +133,7 @@ def probe(model: nn.Module, inputs: torch.Tensor) -> dict:
 # -- one cell ------------------------------------------------------------------------------------------
 
 
-def _accuracy(views: list, labels: torch.Tensor, batch: int = 1000) -> dict:
+def _accuracy(views: list, labels: torch.Tensor, batch: int = 250) -> dict:  # 250: ONNX Runtime's arena at 128 px stays small
     """Score ``views``, a list of ``(logits_of, inputs)`` over the same images: the prediction is the argmax of their
     mean softmax (one view: the plain argmax; two: flip test-time augmentation, as ``train --tta-flip``). Returns the
     record's ``test`` fields; with several views also ``accuracy_one_view`` (the first view alone)."""
@@ -206,6 +206,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
                           for t in ([transform, _Flipped(transform)] if regime.tta_flip else [transform])]
             if caches is not None:
                 caches[memo_key] = (train_cache, test_views)
+            del run, prefix_run  # frees the prefix's ONNX Runtime session and its arena before the model is served
         batches = CachedBatches(train_cache, device, regime.batch_size, seed, flip=regime.flip)
     else:
         batches = ImageBatches(ds.train, transform, device, regime.batch_size, seed)
