@@ -81,8 +81,10 @@ def test_doctor_reads_its_shipped_examples_and_the_checkpoint_calibration(instal
     assert report["agrees_with_declared"] is not False
 
 
-@pytest.mark.parametrize("module, results", [("experiment", "results.json"), ("study", "cells.jsonl")])
-def test_summary_outside_the_repository(installed, module, results, tmp_path):
+# the study's --summary reads the run of its --input-size (default 128: results/study-128px); the 32-px run is results/study
+@pytest.mark.parametrize("module, results, args", [("experiment", "results.json", []),
+                                                   ("study", "cells.jsonl", ["--input-size", "32"])])
+def test_summary_outside_the_repository(installed, module, results, args, tmp_path):
     r = run(installed, "-m", f"cifar_transfer.{module}", "--summary")
     assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
     message = r.stderr.strip()
@@ -92,6 +94,6 @@ def test_summary_outside_the_repository(installed, module, results, tmp_path):
     # results in the working folder, where `--output results/<module>` writes them: --summary reads them
     (tmp_path / "results" / module).mkdir(parents=True)
     shutil.copy2(REPO / "results" / module / results, tmp_path / "results" / module / results)
-    r = run(installed, "-m", f"cifar_transfer.{module}", "--summary", cwd=tmp_path)
+    r = run(installed, "-m", f"cifar_transfer.{module}", "--summary", *args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "|" in r.stdout and "Traceback" not in r.stderr
