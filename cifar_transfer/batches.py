@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import data as data_mod
 from .evaluate import predict_probabilities
-from .inference import class_probabilities
+from .inference import class_probabilities, mirror
 
 
 class FeatureCache:
@@ -99,7 +99,7 @@ class CachedBatches:
             x = feats[idx.to(feats.device)].to(self.device, torch.float32)
             if self.flip:
                 flip = torch.rand(len(idx), generator=g) < 0.5
-                x = torch.where(flip.to(self.device)[:, None, None, None], x.flip(3), x)
+                x = torch.where(flip.to(self.device)[:, None, None, None], mirror(x), x)
             yield x, self.cache.labels[idx].to(self.device)
 
     @torch.no_grad()

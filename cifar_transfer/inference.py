@@ -1,5 +1,5 @@
 """How a frozen network, or a frozen prefix of one, is run: :func:`prefix_runner` (ONNX Runtime or PyTorch) and
-:func:`class_probabilities`, the package's one test-time augmentation (an image and its mirror, probabilities
+:func:`class_probabilities`, the package's one test-time augmentation (an image and its :func:`mirror`, probabilities
 averaged), used by evaluation and by the per-epoch score on cached features alike.
 """
 
@@ -24,10 +24,15 @@ def prefix_runner(prefix: nn.Module, input_size: int, engine: str = "auto"):
     return prefix
 
 
+def mirror(x: torch.Tensor) -> torch.Tensor:
+    """The horizontal mirror of ``(N, C, H, W)`` images or feature maps: the width axis, 3 (a vertical flip, axis 2,
+    would turn photos upside down). Every flip of test-time augmentation and of cached feature maps is this one."""
+    return x.flip(3)
+
+
 def class_probabilities(net, x: torch.Tensor, tta_flip: bool = False) -> torch.Tensor:
-    """Softmax of ``net(x)``; with ``tta_flip`` the mean with that of the horizontal mirror (the width axis, 3, of
-    ``(N, C, H, W)`` images or feature maps)."""
+    """Softmax of ``net(x)``; with ``tta_flip`` the mean with that of the :func:`mirror` image."""
     probs = net(x).float().softmax(1)
     if tta_flip:
-        probs = (probs + net(x.flip(3)).float().softmax(1)) / 2
+        probs = (probs + net(mirror(x)).float().softmax(1)) / 2
     return probs

@@ -49,7 +49,7 @@ from .batches import CachedBatches, FeatureCache, ImageBatches
 from .cli import HelpFormatter
 from .contract import CORRECT_KEY, WRONG_VARIANTS, NormalizationContract, variant_contracts, variant_title
 from .data import DataError
-from .inference import prefix_runner
+from .inference import mirror, prefix_runner
 from .meter import LayerProbe
 from .model import CifarTransferModel
 from .runtime import environment_info
@@ -155,14 +155,15 @@ def _accuracy(views: list, labels: torch.Tensor, batch: int = 250) -> dict:  # 2
 
 
 class _Flipped(nn.Module):
-    """``preprocess`` then a horizontal flip: the second view of flip test-time augmentation."""
+    """``preprocess`` then :func:`~cifar_transfer.inference.mirror`: the second view of flip test-time augmentation,
+    for the cached features (through the frozen prefix) and the images alike."""
 
     def __init__(self, preprocess: nn.Module):
         super().__init__()
         self.preprocess = preprocess
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.preprocess(x).flip(3)
+        return mirror(self.preprocess(x))
 
 
 def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regime: Regime, ds, cfg: StudyConfig,
@@ -218,10 +219,8 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
     def image_views(preprocess: nn.Module) -> list:
         """The test images through ``preprocess`` and the trained model (and mirrored, with flip TTA)."""
         net = served or model
-        views = [(lambda x: net(preprocess(x.to(device))), test_x)]
-        if regime.tta_flip:
-            views.append((lambda x: net(preprocess(x.to(device)).flip(3)), test_x))
-        return views
+        return [(lambda x, t=t: net(t(x.to(device))), test_x)
+                for t in ([preprocess, _Flipped(preprocess)] if regime.tta_flip else [preprocess])]
 
     def score(index: torch.Tensor | None = None) -> dict:
         """Test accuracy (flip TTA when the regime has it); on ``index`` (the curve's subset) the plain view only."""

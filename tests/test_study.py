@@ -6,6 +6,7 @@ checked for shape and for agreeing with what the app and docs/study.md show.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -318,3 +319,33 @@ def test_a_regime_without_a_validated_budget_is_refused(tmp_path, monkeypatch):
     assert any("skipping the full regime at 32 px" in line and "not chosen (test)" in line for line in logs)
     with pytest.raises(study_results.StudyError, match="no budget has been chosen yet for the full regime at 32 px"):
         study.run_study(_cfg(tmp_path, regimes=["full"]), log=lambda *_: None)
+
+
+def test_flip_tta_scores_the_mirror_image_through_the_frozen_prefix(tmp_path):
+    """The second view a TTA cell scores is each test image mirrored left-right (the width axis) before the frozen
+    prefix: computed here with an explicit flip; a flip of the height axis, or none, goes red."""
+    from cifar_transfer import data as data_mod
+    from cifar_transfer.backbones import get_backbone
+    from cifar_transfer.contract import CORRECT_KEY, variant_contracts
+    from cifar_transfer.model import CifarTransferModel
+    from cifar_transfer.training import split_frozen
+
+    make_folder_dataset(tmp_path / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
+    cfg = _cfg(tmp_path)
+    ds = data_mod.load_dataset(cfg.data_dir, download=False, contract=get_backbone(cfg.backbone).contract)
+    torch.manual_seed(0)
+    initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size)
+    contracts = variant_contracts(initial.contract, [CORRECT_KEY])
+    regime = dataclasses.replace(study_results.REGIMES["frozen"], tta_flip=True, batch_size=8)
+    caches: dict = {}
+    cell = study.run_cell(initial, CORRECT_KEY, contracts[CORRECT_KEY], regime, ds, cfg, 0, torch.device("cpu"),
+                          contracts, serve_wrong=False, caches=caches)
+    (_, test_views), = caches.values()
+    assert len(test_views) == 2 and "accuracy_one_view" in cell["test"]
+    cut = split_frozen(copy.deepcopy(initial).eval(), regime.freeze_stages)
+    x = contracts[CORRECT_KEY].transform()(ds.test.images)
+    with torch.no_grad():
+        plain, mirrored = (initial.stages[-1].pre(cut.prefix(v)) for v in (x, torch.flip(x, dims=[3])))
+    assert torch.allclose(test_views[0], plain, atol=1e-4)
+    assert torch.allclose(test_views[1], mirrored, atol=1e-4)
+    assert not torch.allclose(mirrored, plain, atol=1e-3)  # the images are not symmetric: the check can fail
