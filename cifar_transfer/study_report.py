@@ -52,7 +52,7 @@ def table_markdown(cells: list[dict]) -> str:
                   + " | served wrong (trained right) | first-BN divergence start → end | all-BN divergence start → end"
                   " | steps to 95% of correct | diverged / collapsed |",
                   "|---|" + "---:|" * len(seeds) + "---:|---:|---:|---:|---|"]
-        variants = list(dict.fromkeys(v for s in seeds for v in by_seed[s]))
+        variants = _rows(by_seed[seeds[0]], *(by_seed[s] for s in seeds[1:]))
         for v in variants:
             row = [variant_title(v) if v in WRONG_VARIANTS or v == CORRECT_KEY else v]
             for s in seeds:
@@ -79,6 +79,14 @@ def table_markdown(cells: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _rows(*by_variant: dict) -> list[str]:
+    """The preprocessings a table shows: those trained (cells of ``by_variant``, ``{variant: cell}`` per seed), then
+    those only served so far (the correct cell serves every wrong variant before any of them is trained)."""
+    trained = [v for cells in by_variant for v in cells]
+    served = [v for cells in by_variant for v in cells.get(CORRECT_KEY, {}).get("served_wrong", {})]
+    return list(dict.fromkeys(trained + served))
+
+
 def _num(x: float | None) -> str:
     if x is None:
         return "—"
@@ -95,13 +103,24 @@ def verdicts(cells: list[dict]) -> list[dict]:
         if not correct or correct["test"]["accuracy"] is None:
             continue
         wrong = {k: c for k, c in cs.items() if k != CORRECT_KEY}
-        if not wrong:
-            continue
         n = correct["test"]["n"]
         pc = correct["test"]["accuracy"]
 
         def add(claim: str, verdict: str, evidence: str) -> None:
             out.append({"claim": claim, "regime": regime_key, "verdict": verdict, "evidence": evidence})
+
+        def add_served() -> None:  # needs the correct cell alone: it serves every wrong variant
+            served = correct.get("served_wrong", {})
+            if served:
+                drops = {k: v["accuracy"] - pc for k, v in served.items() if v["accuracy"] is not None}
+                add("Accuracy drops silently (trained right, served wrong)",
+                    f"a drop for {sum(d < 0 and diff_interval(pc + d, n, pc, n)[1] < 0 for d in drops.values())} "
+                    f"of {len(drops)} variants",
+                    "points vs the correct contract: " + "; ".join(f"{k} {_pts(d)}" for k, d in drops.items()))
+
+        if not wrong:
+            add_served()
+            continue
 
         # features mis-scaled
         f0 = correct["divergence"]["start"]["feature_norm"]
@@ -198,12 +217,7 @@ def verdicts(cells: list[dict]) -> list[dict]:
             f"difference to the correct contract ({pct(pc, 2)}, seed {seed}), points with 95% interval: " + "; ".join(
                 f"{k} {'no score' if d is None else _pts(d)} [{'' if d is None else _pts(ci[0])}, "
                 f"{'' if d is None else _pts(ci[1])}]{other_seeds(k)}" for k, (d, ci) in diffs.items()) + seeds_note)
-        served = correct.get("served_wrong", {})
-        if served:
-            drops = {k: v["accuracy"] - pc for k, v in served.items() if v["accuracy"] is not None}
-            add("Accuracy drops silently (trained right, served wrong)",
-                f"a drop for {sum(d < 0 and diff_interval(pc + d, n, pc, n)[1] < 0 for d in drops.values())} of {len(drops)} variants",
-                "points vs the correct contract: " + "; ".join(f"{k} {_pts(d)}" for k, d in drops.items()))
+        add_served()
     return out
 
 
@@ -336,12 +350,12 @@ def readme_table(cells: list[dict]) -> str:
     regimes = [r for r in REGIMES if r in by]
     head = ["preprocessing"] + [f"{r}: trained & tested" for r in regimes] + [f"{r}: served wrong" for r in regimes]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    variants = list(dict.fromkeys(v for r in regimes for v in by[r][min(by[r])]))
+    variants = _rows(*(by[r][min(by[r])] for r in regimes))
     for v in variants:
         row = [variant_title(v)]
         for r in regimes:
             accs = [pct(by[r][s][v]["test"]["accuracy"]) for s in sorted(by[r]) if v in by[r][s]]
-            row.append(accs[0] + (f" ({', '.join(accs[1:])})" if accs[1:] else ""))
+            row.append(accs[0] + (f" ({', '.join(accs[1:])})" if accs[1:] else "") if accs else "not run yet")
         for r in regimes:
             served = by[r][min(by[r])].get(CORRECT_KEY, {}).get("served_wrong", {}).get(v)
             row.append("—" if v == CORRECT_KEY or not served else pct(served["accuracy"]))

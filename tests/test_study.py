@@ -349,3 +349,16 @@ def test_flip_tta_scores_the_mirror_image_through_the_frozen_prefix(tmp_path):
     assert torch.allclose(test_views[0], plain, atol=1e-4)
     assert torch.allclose(test_views[1], mirrored, atol=1e-4)
     assert not torch.allclose(mirrored, plain, atol=1e-3)  # the images are not symmetric: the check can fail
+
+
+def test_a_correct_cell_alone_already_shows_what_serving_it_wrong_costs():
+    """The correct cell serves every wrong variant: its table rows and the served-wrong verdict appear before any
+    wrong cell is trained (those columns say "not run yet"), and the trained-wrong verdicts wait for them."""
+    cells = [_cell("partial", "correct", 0, 0.91, served={"bgr": 0.85, "raw_0_255": 0.14, "cifar10_stats": 0.905})]
+    table = study_report.readme_table(cells)
+    assert [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]] == [
+        study_report.variant_title(k) for k in ("correct", "bgr", "raw_0_255", "cifar10_stats")]
+    assert "| 85.0% |" in table and "| not run yet | 14.0% |" in table
+    claims = {v["claim"]: v["verdict"] for v in study_report.verdicts(cells)}
+    assert claims == {"Accuracy drops silently (trained right, served wrong)": "a drop for 2 of 3 variants"}
+    assert "| 14.0% |" in study_report.table_markdown(cells)  # the full table too
