@@ -193,11 +193,11 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         raise StudyError(f"the training set ({len(ds.train)} images) is smaller than one batch of {regime.batch_size}")
     cached = regime.views > 0
     if cached:  # the frozen prefix's outputs, kept float32 on the device (prefix batches of 1000 images)
-        memo_key = (key, regime.freeze_stages, regime.views, seed)
+        memo_key = (key, contract.input_size, regime.freeze_stages, regime.views, seed)
         if caches is not None and memo_key in caches:
             train_cache, test_views = caches[memo_key]
         else:
-            prefix_run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
+            prefix_run = prefix_runner(cut.prefix, contract.input_size, cfg.engine)
             run = prefix_run if pool is None else (lambda x: pool(prefix_run(x)))
             common = dict(device=device, seed=seed, batch_size=1000, dtype=torch.float32, store=device,
                           channels_last=regime.channels_last)
@@ -267,7 +267,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
 
     model.eval()
     # the trained model, fixed from here on: ONNX Runtime on a CPU (exported once), the model itself elsewhere
-    served = prefix_runner(model, cfg.input_size, cfg.engine)
+    served = prefix_runner(model, contract.input_size, cfg.engine)
     if stopped_at is None:
         test = score()
     else:
@@ -309,6 +309,21 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def initial_models(cfg: StudyConfig, classes: list[str]):
+    """``at(size)``: the pretrained model with its new head (seeded 0, the same in every cell) at ``size`` px and the
+    contracts of every preprocessing at that size (the correct cell serves every wrong one), built once per size."""
+    built: dict[int, tuple] = {}
+
+    def at(size: int) -> tuple[nn.Module, dict[str, NormalizationContract]]:
+        if size not in built:
+            torch.manual_seed(0)
+            model = CifarTransferModel.from_backbone(cfg.backbone, class_names=classes, input_size=size,
+                                                     weights_file=cfg.backbone_weights)
+            built[size] = model, variant_contracts(model.contract, [CORRECT_KEY, *WRONG_VARIANTS])
+        return built[size]
+    return at
+
+
 def run_study(cfg: StudyConfig, log=print) -> list[dict]:
     """Run every missing cell (regime x preprocessing x seed), appending each as it finishes; returns all cells."""
     if cfg.threads:
@@ -347,13 +362,11 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
         ds = data_mod.split_validation(ds, cfg.val_fraction, seed=0)
         ds = dataclasses.replace(ds, test=ds.val, val=None)
     log(f"data: {ds.name}: {len(ds.train)} training, {len(ds.test)} {'validation' if cfg.val_fraction else 'test'} images")
-    torch.manual_seed(0)
-    initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size,
-                                               weights_file=cfg.backbone_weights)
-    contracts = variant_contracts(initial.contract, [CORRECT_KEY, *WRONG_VARIANTS])  # the correct cell serves every one
+    initial_at = initial_models(cfg, ds.classes)
     env = environment_info(device)
     for regime, key, seed in todo:
         load_before = os.getloadavg()[0]  # the machine's 1-minute load: cells on a shared CPU say how shared it was
+        initial, contracts = initial_at(regime.input_size or cfg.input_size)
         cell = run_cell(initial, key, contracts[key], regime, ds, cfg, seed, device, contracts,
                         serve_wrong=not cfg.val_fraction)
         cell["command"] = cfg.command

@@ -69,6 +69,7 @@ class Regime:
     flip: bool = False  # flip each cached feature map at random, as train's --cache-features does (32 px: no flip)
     channels_last: bool = False  # channels-last tensors, as train's --channels-last (speed on a CPU, same numbers)
     tta_flip: bool = False  # score the mean softmax of each test image and its mirror, as train's --tta-flip
+    input_size: int | None = None  # px the network reads in this regime; None: the study's size (--input-size)
 
 
 WARMUP = 0.05  # fraction of a cell's steps warming the learning rate up linearly (then cosine to zero), every regime
@@ -108,9 +109,9 @@ SCALE_DIRS: dict[int, Path] = {128: RESULTS_DIR_128, 32: RESULTS_DIR}
 
 def regime_setup(regime: Regime) -> dict:
     """The regime as a cell's ``setup`` records it. The fields added for the 128-px run (flip, channels-last, flip
-    TTA) are left out while off, so the 32-px cells, recorded before they existed, still resume."""
+    TTA, its own input size) are left out while off, so cells recorded before they existed still resume."""
     d = dataclasses.asdict(regime)
-    return {k: v for k, v in d.items() if k not in ("flip", "channels_last", "tta_flip") or v}
+    return {k: v for k, v in d.items() if k not in ("flip", "channels_last", "tta_flip", "input_size") or v}
 
 
 def regimes_for(input_size: int) -> dict[str, Regime]:

@@ -362,3 +362,15 @@ def test_a_correct_cell_alone_already_shows_what_serving_it_wrong_costs():
     claims = {v["claim"]: v["verdict"] for v in study_report.verdicts(cells)}
     assert claims == {"Accuracy drops silently (trained right, served wrong)": "a drop for 2 of 3 variants"}
     assert "| 14.0% |" in study_report.table_markdown(cells)  # the full table too
+
+
+def test_a_regime_with_its_own_input_size_reads_the_images_at_that_size(tmp_path, monkeypatch):
+    """A regime's ``input_size`` (the frozen probe at 128 px reads a larger input) sets the contract, hence the resize,
+    of its cells; the others keep the study's size, and the cells record both."""
+    monkeypatch.setitem(study_results.REGIMES, "frozen", dataclasses.replace(study_results.REGIMES["frozen"], input_size=48))
+    make_folder_dataset(tmp_path / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
+    cells = study.run_study(_cfg(tmp_path, regimes=["frozen", "partial"], variants=[]), log=lambda *_: None)
+    by = {c["regime"]: c for c in cells}
+    assert by["frozen"]["contract"]["input_size"] == 48 and by["partial"]["contract"]["input_size"] == 32
+    assert by["frozen"]["setup"]["regime"]["input_size"] == 48 and "input_size" not in by["partial"]["setup"]["regime"]
+    assert by["frozen"]["setup"]["input_size"] == by["partial"]["setup"]["input_size"] == 32
