@@ -311,7 +311,8 @@ def regimes_markdown(regimes: dict, pending: dict[str, str] | None = None) -> st
             lines.append(f"- **{r.key}**: {r.title.split(': ', 1)[-1]}; **no budget chosen yet**: {pending[r.key]}.")
             continue
         cached = f", {r.views} cached view{'s' if r.views > 1 else ''} of the frozen prefix" if r.views else ""
-        extra = "".join([f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else "",
+        extra = "".join([f", images resized to {r.input_size} px for this regime" if r.input_size else "",
+                         f", label smoothing {r.label_smoothing:g}" if r.label_smoothing else "",
                          ", random flips of the cached feature maps" if r.flip else "",
                          ", scored with flip test-time augmentation" if r.tta_flip else ""])
         lines.append(f"- **{r.key}**: {r.title.split(': ', 1)[-1]}; {r.epochs:g} epoch{'s' if r.epochs != 1 else ''}, batch {r.batch_size}, "
