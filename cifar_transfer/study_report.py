@@ -32,6 +32,11 @@ def index(cells: list[dict]) -> dict:
     return out
 
 
+def read_size(cell: dict) -> int:
+    """The input size a cell's network read: its regime's own, else the study's."""
+    return cell["setup"]["regime"].get("input_size") or cell["setup"]["input_size"]
+
+
 def steps_to_target(cell: dict, target: float | None) -> int | None:
     if target is None:
         return None
@@ -243,8 +248,10 @@ def summary_markdown(cells: list[dict]) -> str:
         name = env.get("gpu") or (f"{env['cpu']} ({env.get('cpu_count', '?')} cores)" if env.get("cpu") else "?")
         places[name] = places.get(name, 0) + 1
     where = " and ".join(f"{name} ({n} cells)" if len(places) > 1 else name for name, n in places.items())
+    own = {c["regime"]: read_size(c) for c in cells if read_size(c) != size}  # regimes that read another size
+    sizes = f"{size} px" + (f" ({', '.join(f'{r}: {s} px' for r, s in own.items())})" if own else "")
     head = (f"{len(cells)} cells (regime × preprocessing × seed; seeds {', '.join(map(str, seeds))}), "
-            f"{cells[0]['setup']['input_size']} px, {cells[0]['test']['n']} test images each, "
+            f"{sizes}, {cells[0]['test']['n']} test images each, "
             f"{wall / 60:.1f} min of training and scoring on {where}. Reproduce: `{study_command(size)} --seeds "
             f"{' '.join(map(str, seeds))}` (each cell records the exact command it ran under).")
     return "\n\n".join(x for x in (head, table_markdown(cells), verdicts_markdown(cells)) if x)
@@ -283,8 +290,8 @@ def scale_comparison(main: list[dict], small: list[dict]) -> str:
             continue
         same = "Accuracy drops silently (trained and served the same wrong way)"
         served = "Accuracy drops silently (trained right, served wrong)"
-        rows.append(f"{r}: correct {pct(cm['test']['accuracy'])} at {size_m} px against {pct(cs['test']['accuracy'])} "
-                    f"at {size_s} px; trained and tested the same wrong way, {vm.get((r, same), 'not run yet')} "
+        rows.append(f"{r}: correct {pct(cm['test']['accuracy'])} at {read_size(cm)} px against "
+                    f"{pct(cs['test']['accuracy'])} at {read_size(cs)} px; trained and tested the same wrong way, {vm.get((r, same), 'not run yet')} "
                     f"(at {size_s} px: {vs.get((r, same), '—')}); served wrong, {vm.get((r, served), 'not run yet')} "
                     f"(at {size_s} px: {vs.get((r, served), '—')})")
     if not rows:

@@ -374,3 +374,5 @@ def test_a_regime_with_its_own_input_size_reads_the_images_at_that_size(tmp_path
     assert by["frozen"]["contract"]["input_size"] == 48 and by["partial"]["contract"]["input_size"] == 32
     assert by["frozen"]["setup"]["regime"]["input_size"] == 48 and "input_size" not in by["partial"]["setup"]["regime"]
     assert by["frozen"]["setup"]["input_size"] == by["partial"]["setup"]["input_size"] == 32
+    assert "32 px (frozen: 48 px)" in study_report.summary_markdown(cells)  # the reports say which size each read
+    assert "frozen: correct" in study_report.scale_comparison(cells, cells) and "at 48 px" in study_report.scale_comparison(cells, cells)
