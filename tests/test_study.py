@@ -308,6 +308,11 @@ def test_the_128px_budgets_are_the_validated_ones():
         assert runs, f"{key}: no validation run of the coded budget"
         assert all(c["test"]["n"] == 5_000 and c["variant"] == "correct" for c in runs)
         assert max(c["test"]["accuracy"] for c in runs) >= FLOORS[key] + 0.005, key
+    # a budget whose test cell fell under its floor (kept in results/study-128px/rejected/) is not coded again
+    rejected = study_results.read_cells(study_results.RESULTS_DIR_128 / "rejected")
+    assert rejected and all(c["test"]["accuracy"] < FLOORS[c["regime"]] for c in rejected)
+    coded = {k: study_results.regime_setup(r) for k, r in study_results.REGIMES_128.items()}
+    assert not [c["key"] for c in rejected if c["setup"]["regime"] == coded[c["regime"]]]
 
 
 def test_a_regime_without_a_validated_budget_is_refused(tmp_path, monkeypatch):
