@@ -392,10 +392,6 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
     n_train = 5000 * 10 if cfg.max_per_class is None else cfg.max_per_class * 10
     n_test = 1000 * 10 if cfg.max_test_per_class is None else cfg.max_test_per_class * 10
     n_cells = 1 + len(cfg.variants if cfg.variants is not None else WRONG_VARIANTS)
-    model = CifarTransferModel.from_backbone(cfg.backbone, class_names=[str(i) for i in range(10)],
-                                             input_size=cfg.input_size, weights_file=cfg.backbone_weights).to(device)
-    transform = model.contract.transform().to(device)
-
     def timed(fn, repeat: int) -> float:
         fn()  # warm-up
         if device.type == "cuda":
@@ -408,13 +404,19 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
         return (time.perf_counter() - t) / repeat
 
     imgs = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8)
-    total, per = 0.0, {}
-    full_eval = timed(lambda: _accuracy([(lambda x: model(transform(x.to(device))), imgs[:500])],
-                                        torch.zeros(500, dtype=torch.long)), 2) / 500
+    total, per, at_size = 0.0, {}, {}
     for regime in cfg.regime_list():
+        size = regime.input_size or cfg.input_size
+        if size not in at_size:  # the model at the size this regime reads, and its time to score one image
+            m = CifarTransferModel.from_backbone(cfg.backbone, class_names=[str(i) for i in range(10)],
+                                                 input_size=size, weights_file=cfg.backbone_weights).to(device)
+            t = m.contract.transform().to(device)
+            at_size[size] = m, t, timed(lambda: _accuracy([(lambda x: m(t(x.to(device))), imgs[:500])],
+                                                          torch.zeros(500, dtype=torch.long)), 2) / 500
+        model, transform, full_eval = at_size[size]
         cut = split_frozen(copy.deepcopy(model), regime.freeze_stages)
         k, body = len(cut.prefix), cut.trainable
-        run = prefix_runner(cut.prefix, cfg.input_size, cfg.engine)
+        run = prefix_runner(cut.prefix, size, cfg.engine)
 
         def features(n: int) -> torch.Tensor:
             with torch.no_grad():
@@ -432,11 +434,11 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
         per[regime.key] = {"step_s": round_sig(step_s), "steps": n_steps, "prefix_s_per_image": round_sig(prefix_s),
                            "cell_s": round(cell), "regime_s": round(cell * n_cells + serve)}
         total += per[regime.key]["regime_s"]
-        log(f"{regime.key:<8} {n_steps} steps x {step_s * 1000:.0f} ms, ~{cell / 60:.1f} min per cell, "
+        log(f"{regime.key:<8} {size} px, {n_steps} steps x {step_s * 1000:.0f} ms, ~{cell / 60:.1f} min per cell, "
             f"{per[regime.key]['regime_s'] / 60:.0f} min for {n_cells} cells + serving")
     total *= len(set(cfg.seeds))
-    log(f"projected total on {device}: {total / 3600:.2f} h for {len(set(cfg.seeds))} seed(s) "
-        f"(eval {full_eval * 1000:.2f} ms per image; decoding the dataset not counted)")
+    log(f"projected total on {device}: {total / 3600:.2f} h for {len(set(cfg.seeds))} seed(s) (eval " + ", ".join(
+        f"{e * 1000:.2f} ms per image at {z} px" for z, (_, _, e) in at_size.items()) + "; decoding not counted)")
     return {"device": str(device), "regimes": per, "total_s": round(total)}
 
 
@@ -448,7 +450,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cifar_transfer.study", description=__doc__.split("\n\n")[0],
                                 epilog="Regimes: " + "; ".join(
                                     f"{r.key}: {r.title} ({r.epochs:g} epochs, batch {r.batch_size}, lr {r.lr:g}"
-                                    f"{f', {r.views} cached views' if r.views else ''})" for r in REGIMES_128.values())
+                                    f"{f', {r.views} cached views' if r.views else ''}"
+                                    f"{f', {r.input_size} px' if r.input_size else ''})" for r in REGIMES_128.values())
                                     + ". At --input-size 32 (the small-input appendix): " + "; ".join(
                                     f"{r.key}: {r.epochs:g} epochs, batch {r.batch_size}, lr {r.lr:g}"
                                     f"{f', {r.views} cached views' if r.views else ''}" for r in REGIMES.values()),
