@@ -392,6 +392,7 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
     n_train = 5000 * 10 if cfg.max_per_class is None else cfg.max_per_class * 10
     n_test = 1000 * 10 if cfg.max_test_per_class is None else cfg.max_test_per_class * 10
     n_cells = 1 + len(cfg.variants if cfg.variants is not None else WRONG_VARIANTS)
+
     def timed(fn, repeat: int) -> float:
         fn()  # warm-up
         if device.type == "cuda":
