@@ -57,7 +57,7 @@ def table_markdown(cells: list[dict]) -> str:
                   + " | served wrong (trained right) | first-BN divergence start → end | all-BN divergence start → end"
                   " | steps to 95% of correct | diverged / collapsed |",
                   "|---|" + "---:|" * len(seeds) + "---:|---:|---:|---:|---|"]
-        variants = _rows(by_seed[seeds[0]], *(by_seed[s] for s in seeds[1:]))
+        variants = _rows(*(by_seed[s] for s in seeds))
         for v in variants:
             row = [variant_title(v) if v in WRONG_VARIANTS or v == CORRECT_KEY else v]
             for s in seeds:
@@ -291,7 +291,8 @@ def scale_comparison(main: list[dict], small: list[dict]) -> str:
         same = "Accuracy drops silently (trained and served the same wrong way)"
         served = "Accuracy drops silently (trained right, served wrong)"
         rows.append(f"{r}: correct {pct(cm['test']['accuracy'])} at {read_size(cm)} px against "
-                    f"{pct(cs['test']['accuracy'])} at {read_size(cs)} px; trained and tested the same wrong way, {vm.get((r, same), 'not run yet')} "
+                    f"{pct(cs['test']['accuracy'])} at {read_size(cs)} px; trained and tested the same wrong way, "
+                    f"{vm.get((r, same), 'not run yet')} "
                     f"(at {size_s} px: {vs.get((r, same), '—')}); served wrong, {vm.get((r, served), 'not run yet')} "
                     f"(at {size_s} px: {vs.get((r, served), '—')})")
     if not rows:
