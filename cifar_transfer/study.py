@@ -534,8 +534,9 @@ def main(argv: list[str] | None = None) -> None:
             if not cells:
                 raise StudyError(f"no study results at {Path(cfg.output) / CELLS_NAME}; run `{COMMAND}` to produce them")
             print(summary_markdown(cells))
-            if cfg.write_docs:
+            if cfg.write_docs:  # the docs' blocks and the app tab's plots, from the cells recorded so far
                 write_docs(Path(cfg.write_docs))
+                write_plots(cells, Path(cfg.output))
             return
         if mode == "estimate":
             estimate(cfg)
