@@ -32,6 +32,7 @@ import torch
 
 from .contract import NormalizationContract
 from .images import IMAGE_EXTENSIONS, ImageInputError, read_square
+from .inference import mirror
 
 DEFAULT_DOWNLOAD_ROOT = Path(os.environ.get("CIFAR_TRANSFER_DATA", Path.home() / ".cache" / "cifar_transfer" / "data"))
 
@@ -232,7 +233,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4, 
         x = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     elif flip:
         flips = torch.rand(n, generator=generator) < 0.5
-        x = torch.where(flips[:, None, None, None], x.flip(3), x)
+        x = torch.where(flips[:, None, None, None], mirror(x), x)
     return x.contiguous()
 
 

@@ -405,12 +405,12 @@ def estimate(cfg: StudyConfig, log=print, steps: int = 6) -> dict:
         return (time.perf_counter() - t) / repeat
 
     imgs = torch.randint(0, 256, (1000, 3, 32, 32), dtype=torch.uint8)
+    models = initial_models(cfg, [str(i) for i in range(10)])  # the same builder the study's cells use
     total, per, at_size = 0.0, {}, {}
     for regime in cfg.regime_list():
         size = regime.input_size or cfg.input_size
         if size not in at_size:  # the model at the size this regime reads, and its time to score one image
-            m = CifarTransferModel.from_backbone(cfg.backbone, class_names=[str(i) for i in range(10)],
-                                                 input_size=size, weights_file=cfg.backbone_weights).to(device)
+            m = models(size)[0].to(device)
             t = m.contract.transform().to(device)
             at_size[size] = m, t, timed(lambda: _accuracy([(lambda x: m(t(x.to(device))), imgs[:500])],
                                                           torch.zeros(500, dtype=torch.long)), 2) / 500

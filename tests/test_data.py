@@ -85,6 +85,22 @@ def test_random_crop_flip_keeps_content_and_shape():
         assert set(y[i][y[i] > 0].tolist()) <= set(x[i].flatten().tolist())
 
 
+def test_flip_only_augmentation_mirrors_the_width_axis():
+    """Without crops every image comes back as itself or its left-right mirror, never upside down; both occur."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
+    y = random_crop_flip(x, g, pad=0)
+    kept = [bool((y[i] == x[i]).all()) for i in range(64)]
+    mirrored = [bool((y[i] == x[i].flip(2)).all()) for i in range(64)]  # (C, H, W): axis 2 is the width
+    assert all(k or m for k, m in zip(kept, mirrored))
+    assert 0 < sum(mirrored) < 64
+    # with crops too: columns numbered 1..8 left to right come back in order or reversed (a shifted window)
+    cols = torch.arange(1, 9, dtype=torch.uint8).expand(64, 3, 8, 8).contiguous()
+    row = random_crop_flip(cols, torch.Generator().manual_seed(1), pad=2)[:, 0, 4]
+    order = [torch.sign(r[r > 0].long().diff()).unique().tolist() for r in row]
+    assert all(o in ([1], [-1]) for o in order) and [-1] in order and [1] in order
+
+
 def test_loader_is_seeded_per_epoch_and_shards_disjointly():
     from cifar_transfer.data import Split
 
