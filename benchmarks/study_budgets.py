@@ -8,7 +8,7 @@ on the other 45,000 images, exactly as a study cell trains (``study.run_cell``, 
 scores it on the 5,000 held-out images. Every candidate is appended to
 ``results/study-128px/budgets/cells.jsonl`` (resumable: a candidate already there is skipped). The study then uses,
 for every preprocessing, the cheapest candidate that clears the issue's floor (80% frozen, 90% partial and full)
-with half a point to spare on validation; ``results/study-128px/budgets/README.md`` records which and why.
+by ``MARGIN`` on validation; ``results/study-128px/budgets/README.md`` records which and why.
 
 Frozen candidates share one feature cache (the whole backbone runs once per view); the others train from scratch.
 """
@@ -34,6 +34,10 @@ from cifar_transfer.study_results import REGIMES_128, RESULTS_DIR_128, append_ce
 
 VAL_FRACTION = 0.1  # 5,000 of the 50,000 training images, 500 a class
 FLOORS = {"frozen": 0.80, "partial": 0.90, "full": 0.90}  # the issue's floors for the correct cells (test set)
+# Validation accuracy a candidate needs above its floor (1.5 points): from validation to the test set the budgets lost
+# 0.3 (partial) and 2.1 points (frozen, 160 px), and a first frozen budget with 1.2 points to spare fell under its floor.
+# Was half a point until 2026-12-07; both coded budgets clear the new margin (1.7 and 3.4 points).
+MARGIN = 0.015
 
 # Candidates per regime, cheapest first (label -> changes to the regime as REGIMES_128 defines it).
 # The first three were scored without flip TTA (before the 128-px regimes had it); their 80.2% on validation
@@ -102,8 +106,10 @@ def main(argv: list[str] | None = None) -> None:
                         floor=FLOORS[regime_key], command=cfg.command, environment=env, load_before=load,
                         load_after=Path("/proc/loadavg").read_text().split()[0] if load else None)
             append_cell(out, cell)
-            print(f"{key}: validation {cell['test']['accuracy']:.4f} ({time.perf_counter() - t0:.0f} s, "
-                  f"train {cell['train_seconds']:.0f} s)", flush=True)
+            acc = cell["test"]["accuracy"]
+            verdict = "clears" if acc >= FLOORS[regime_key] + MARGIN else "does not clear"
+            print(f"{key}: validation {acc:.4f} ({time.perf_counter() - t0:.0f} s, train {cell['train_seconds']:.0f} s):"
+                  f" {verdict} the {FLOORS[regime_key]:.0%} floor + {MARGIN * 100:.1f} points", flush=True)
 
 
 if __name__ == "__main__":
