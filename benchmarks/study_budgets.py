@@ -6,7 +6,8 @@ Holds out 10% of the training set (stratified, seed 0: ``data.split_validation``
 --val-fraction`` uses), trains the *correct* preprocessing's cell of each regime with each candidate budget below
 on the other 45,000 images, exactly as a study cell trains (``study.run_cell``, the one training engine), and
 scores it on the 5,000 held-out images. Every candidate is appended to
-``results/study-128px/budgets/cells.jsonl`` (resumable: a candidate already there is skipped). The study then uses,
+``results/study-128px/budgets/cells.jsonl`` (resumable: a candidate already there is skipped, and one stopped
+part-way continues from its last saved step, like a study cell). The study then uses,
 for every preprocessing, the cheapest candidate that clears the issue's floor (80% frozen, 90% partial and full)
 by ``MARGIN`` on validation; ``results/study-128px/budgets/README.md`` records which and why.
 
@@ -29,6 +30,7 @@ from cifar_transfer import data as data_mod  # noqa: E402
 from cifar_transfer.backbones import get_backbone  # noqa: E402
 from cifar_transfer.contract import CORRECT_KEY  # noqa: E402
 from cifar_transfer.runtime import environment_info  # noqa: E402
+from cifar_transfer.cell_state import FOLDER as STATE_FOLDER  # noqa: E402
 from cifar_transfer.study import StudyConfig, initial_models, run_cell  # noqa: E402
 from cifar_transfer.study_results import REGIMES_128, RESULTS_DIR_128, append_cell, read_cells  # noqa: E402
 
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else None
             t0 = time.perf_counter()
             cell = run_cell(initial, CORRECT_KEY, contracts[CORRECT_KEY], regime, ds, cfg, 0, device, contracts,
-                            serve_wrong=False, caches=caches)
+                            serve_wrong=False, caches=caches, state_dir=out / STATE_FOLDER)
             cell.update(key=key, candidate=label, scored_on=f"validation ({len(ds.test)} training images held out)",
                         floor=FLOORS[regime_key], command=cfg.command, environment=env, load_before=load,
                         load_after=Path("/proc/loadavg").read_text().split()[0] if load else None)

@@ -18,7 +18,8 @@ small-input appendix):
 
 The correctly trained model of each regime is then also served every wrong variant (the train/serve mismatch).
 Each finished cell is appended, atomically, to ``cells.jsonl`` in the output folder; a rerun skips the cells it
-holds, so the study resumes cell by cell. ``results/study-128px`` and ``results/study`` (32 px) hold the recorded
+holds, so the study resumes cell by cell; a cell stopped part-way continues from its last saved step
+(``<output>/in-progress/``, :mod:`cifar_transfer.cell_state`), with the same numbers. ``results/study-128px`` and ``results/study`` (32 px) hold the recorded
 runs; by default a run writes to a fresh ``runs/study-<UTC time>``. ``--val-fraction`` scores on a held-out share
 of the training set instead (how the 128-px budgets were chosen: ``benchmarks/study_budgets.py``). The quick,
 small-scale version is ``python -m cifar_transfer.experiment``.
@@ -59,6 +60,7 @@ from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORM
                             PENDING, RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
                             read_cells, regime_setup, regimes_for, round_sig, wilson)
+from .cell_state import FOLDER as STATE_FOLDER, CellState, segment
 from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
 
 
@@ -168,12 +170,14 @@ class _Flipped(nn.Module):
 
 def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regime: Regime, ds, cfg: StudyConfig,
              seed: int, device: torch.device, contracts: dict[str, NormalizationContract], *,
-             serve_wrong: bool = True, caches: dict | None = None) -> dict:
+             serve_wrong: bool = True, caches: dict | None = None, state_dir: Path | None = None,
+             log=print) -> dict:
     """Train a copy of ``initial`` under ``contract`` in ``regime``; score it; for the correct contract also serve
     every wrong variant (unless ``serve_wrong`` is False). Returns the cell's record (JSON-ready).
 
     ``caches``, when given, keeps each preprocessing's cached prefix features across calls (the budget search
-    trains several heads on the same features); a cell's own run passes none."""
+    trains several heads on the same features); a cell's own run passes none. With ``state_dir`` the cell saves its
+    progress there as it trains and continues from it when run again (:mod:`cifar_transfer.cell_state`)."""
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     model = copy.deepcopy(initial).to(device)
@@ -235,9 +239,24 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
     opt = make_optimizer(body, "sgd", regime.lr, regime.weight_decay)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=regime.label_smoothing)
     evals = sorted({max(1, round(steps * (i + 1) / CURVE_EVALS)) for i in range(CURVE_EVALS)})
-    losses, norms, curve = [], [], {"step": [], "images": [], "wall_s": [], "test_subset_acc": [], "train_loss": []}
     stopped: list[int] = []
-    t_train = time.perf_counter()
+    state = CellState(state_dir, f"{regime.key}/{key}/seed{seed}",
+                      {"cell": f"{regime.key}/{key}/seed{seed}", "setup": cfg.setup(regime),
+                       "contract": contract.to_dict(), "steps": steps, "train_images": len(ds.train),
+                       "test_images": len(ds.test)}, log=log)
+    before = state.load(model, opt) or {
+        "step": 0, "losses": [], "norms": [], "train_seconds": 0.0, "wall_seconds": 0.0, "segments": [],
+        "curve": {"step": [], "images": [], "wall_s": [], "test_subset_acc": [], "train_loss": []}}
+    first = before["step"] + 1
+    losses, norms, curve = before["losses"], before["norms"], before["curve"]
+    t_train = time.perf_counter() - before["train_seconds"]  # the seconds of the stretches before this one count
+    t0 -= before["wall_seconds"]
+
+    def progress(step: int) -> dict:
+        return {"step": step, "losses": losses, "norms": norms, "curve": curve,
+                "train_seconds": time.perf_counter() - t_train, "wall_seconds": time.perf_counter() - t0,
+                "segments": before["segments"] + ([segment(first, step, time.perf_counter() - t_train
+                                                           - before["train_seconds"], device)] if step >= first else [])}
 
     def after(step, _lr, loss, _logits, norm, _y) -> bool:
         losses.append(round_sig(loss.item()))
@@ -254,16 +273,20 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
             curve["test_subset_acc"].append(round_sig(acc))
             curve["train_loss"].append(round_sig(sum(recent) / len(recent)) if recent else None)
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.3f}")
+        if state.due(step, steps):
+            state.save(model, opt, progress(step))
         return False
 
-    bar = tqdm(step_stream(batches, steps), total=steps, desc=f"{regime.key}/{key}/seed{seed}",
-               disable=not cfg.progress, mininterval=5.0, dynamic_ncols=True, leave=False)
+    bar = tqdm(step_stream(batches, steps, skip=first - 1), total=steps, initial=first - 1,
+               desc=f"{regime.key}/{key}/seed{seed}", disable=not cfg.progress, mininterval=5.0, dynamic_ncols=True,
+               leave=False)
     # the forward is the trainable stages alone: on cached features, or (nothing frozen) on the images
-    run_steps(body, bar, opt, loss_fn, lambda step: lr_at((step - 1) / steps, regime.lr, WARMUP), start=1, cut=cut,
-              channels_last=regime.channels_last, norm_of=params, after=after)
+    run_steps(body, bar, opt, loss_fn, lambda step: lr_at((step - 1) / steps, regime.lr, WARMUP), start=first,
+              cut=cut, channels_last=regime.channels_last, norm_of=params, after=after)
     bar.close()
     stopped_at = stopped[0] if stopped else None
     train_seconds = time.perf_counter() - t_train
+    segments = progress(len(losses))["segments"]
 
     model.eval()
     # the trained model, fixed from here on: ONNX Runtime on a CPU (exported once), the model itself elsewhere
@@ -284,6 +307,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         "diverged": has_diverged(losses, stopped_at),
         "collapsed": has_collapsed(test["accuracy"], test["max_class_share"]),
         "train_seconds": round(train_seconds, 1),
+        "segments": segments,  # the stretches it trained in: one, unless it was stopped and continued
     }
     if key == CORRECT_KEY and serve_wrong:  # trained right, served wrong
         served_wrong = {}
@@ -295,6 +319,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
                                  "divergence": probe(model, wt(test_x[probe_idx].to(device)))}
         record["served_wrong"] = served_wrong
     record["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    state.finish()
     return record
 
 
@@ -368,7 +393,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[dict]:
         load_before = os.getloadavg()[0]  # the machine's 1-minute load: cells on a shared CPU say how shared it was
         initial, contracts = initial_at(regime.input_size or cfg.input_size)
         cell = run_cell(initial, key, contracts[key], regime, ds, cfg, seed, device, contracts,
-                        serve_wrong=not cfg.val_fraction)
+                        serve_wrong=not cfg.val_fraction, state_dir=out / STATE_FOLDER, log=log)
         cell["command"] = cfg.command
         cell["environment"] = env
         cell["load_average"] = {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)}

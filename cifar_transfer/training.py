@@ -172,16 +172,20 @@ def run_steps(forward, batches: Iterable, opt, loss_fn, lr_of: Callable[[int], f
     return done
 
 
-def step_stream(batches, steps: int):
-    """``steps`` batches of ``batches.epoch(0)``, ``epoch(1)``, ...: a budget in steps rather than epochs."""
-    taken, epoch = 0, 0
+def step_stream(batches, steps: int, skip: int = 0):
+    """``steps`` batches of ``batches.epoch(0)``, ``epoch(1)``, ...: a budget in steps rather than epochs; the
+    first ``skip`` are left out (a resumed run: whole epochs are not read at all, each epoch being seeded by its
+    number; the batches of a started epoch are drawn and dropped, so the rest come out as they would have)."""
+    (epoch, skip_in_epoch), taken = divmod(skip, len(batches)), skip
     while taken < steps:
-        for xy in batches.epoch(epoch):
+        for i, xy in enumerate(batches.epoch(epoch)):
+            if i < skip_in_epoch:
+                continue
             yield xy
             taken += 1
             if taken == steps:
                 return
-        epoch += 1
+        epoch, skip_in_epoch = epoch + 1, 0
 
 
 @dataclass

@@ -396,3 +396,88 @@ def test_a_regime_with_its_own_input_size_reads_the_images_at_that_size(tmp_path
     assert by["frozen"]["setup"]["input_size"] == by["partial"]["setup"]["input_size"] == 32
     assert "32 px (frozen: 48 px)" in study_report.summary_markdown(cells)  # the reports say which size each read
     assert "frozen: correct" in study_report.scale_comparison(cells, cells) and "at 48 px" in study_report.scale_comparison(cells, cells)
+
+
+def _resumable_cell(tmp_path):
+    """A tiny full-fine-tune cell (dropout, momentum, batch-norm statistics, image batches) of 3 epochs x 4 steps."""
+    from cifar_transfer import data as data_mod
+    from cifar_transfer.backbones import get_backbone
+    from cifar_transfer.contract import CORRECT_KEY, variant_contracts
+    from cifar_transfer.model import CifarTransferModel
+
+    make_folder_dataset(tmp_path / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
+    cfg = _cfg(tmp_path)
+    ds = data_mod.load_dataset(cfg.data_dir, download=False, contract=get_backbone(cfg.backbone).contract)
+    torch.manual_seed(0)
+    initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size)
+    contracts = variant_contracts(initial.contract, [CORRECT_KEY])
+    regime = dataclasses.replace(study_results.REGIMES["full"], epochs=6, batch_size=8, lr=0.05)  # 3 epochs at scale 0.5
+
+    def run(state_dir=None, log=print):
+        return study.run_cell(initial, CORRECT_KEY, contracts[CORRECT_KEY], regime, ds, cfg, 0, torch.device("cpu"),
+                              contracts, serve_wrong=False, state_dir=state_dir, log=log)
+    return run
+
+
+_SAME = ("test", "loss_binned", "grad_norm_binned", "steps_done", "stopped_at", "divergence")
+
+
+def test_a_stopped_cell_continues_from_its_last_saved_step_with_the_same_numbers(tmp_path, monkeypatch):
+    """A cell stopped part-way (here in the middle of its second epoch) and run again continues after its last
+    saved step (weights, momentum, batch-norm statistics, random state, measurements) and ends with exactly the
+    numbers of a run straight through; the saved file goes when the cell is complete."""
+    from cifar_transfer import cell_state
+
+    run = _resumable_cell(tmp_path)
+    straight = run()
+    assert straight["steps"] == 12 and [(s["first_step"], s["last_step"]) for s in straight["segments"]] == [(1, 12)]
+
+    monkeypatch.setattr(cell_state, "SAVE_EVERY_S", 0.0)  # save after every step
+    save = cell_state.CellState.save
+
+    def save_then_stop(self, model, opt, progress):
+        save(self, model, opt, progress)
+        if progress["step"] == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cell_state.CellState, "save", save_then_stop)
+    state_dir = tmp_path / "out" / cell_state.FOLDER
+    with pytest.raises(KeyboardInterrupt):
+        run(state_dir)
+    saved, = state_dir.glob("full-correct-seed0-*.pt")
+    logs: list[str] = []
+    resumed = run(state_dir, log=logs.append)
+    assert any("continuing after step 6" in line for line in logs)
+    assert [(s["first_step"], s["last_step"]) for s in resumed["segments"]] == [(1, 6), (7, 12)]
+    for field in _SAME:
+        assert resumed[field] == straight[field], field
+    for field in ("step", "test_subset_acc", "train_loss"):
+        assert resumed["curve"][field] == straight["curve"][field], field
+    assert not saved.exists()  # the record is complete: nothing left to continue
+
+
+def test_an_unreadable_saved_cell_is_moved_aside_and_the_cell_starts_over(tmp_path, monkeypatch):
+    from cifar_transfer import cell_state
+
+    run = _resumable_cell(tmp_path)
+    straight = run()
+    monkeypatch.setattr(cell_state, "SAVE_EVERY_S", 0.0)
+    save = cell_state.CellState.save
+
+    def save_then_stop(self, model, opt, progress):
+        save(self, model, opt, progress)
+        if progress["step"] == 5:
+            self.path.write_bytes(self.path.read_bytes()[:1000])  # a damaged file
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cell_state.CellState, "save", save_then_stop)
+    state_dir = tmp_path / "out" / cell_state.FOLDER
+    with pytest.raises(KeyboardInterrupt):
+        run(state_dir)
+    monkeypatch.setattr(cell_state.CellState, "save", save)
+    logs: list[str] = []
+    again = run(state_dir, log=logs.append)
+    assert any("unreadable saved progress" in line and "starts from its beginning" in line for line in logs)
+    assert [(s["first_step"], s["last_step"]) for s in again["segments"]] == [(1, 12)]
+    assert all(again[f] == straight[f] for f in _SAME)
+    assert len(list(state_dir.glob("*.broken"))) == 1 and not list(state_dir.glob("*.pt"))
