@@ -330,11 +330,16 @@ def regimes_markdown(regimes: dict, pending: dict[str, str] | None = None) -> st
 
 def runs_markdown(cells: list[dict]) -> str:
     """Where and how long each cell ran, with the machine's load average before and after it (cells recorded
-    before the load was kept show a dash)."""
+    before the load was kept show a dash); a cell stopped and continued lists its stretches of training, each with
+    its steps, minutes and machine (the wall and load columns are those of its last run)."""
     lines = ["| cell | device | wall (min) | training (min) | load average before → after |", "|---|---|---:|---:|---|"]
     for c in cells:
         env, load = c.get("environment", {}), c.get("load_average")
         device = env.get("gpu") or f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} threads)"
+        if len(c.get("segments", [])) > 1:
+            device += "; stopped and continued: " + ", ".join(
+                f"steps {s['first_step']}-{s['last_step']} ({s['train_seconds'] / 60:.1f} min, {s.get('gpu') or s['cpu']})"
+                for s in c["segments"])
         lines.append(f"| {c['key']} | {device} | {c['wall_seconds'] / 60:.1f} | {c['train_seconds'] / 60:.1f} | "
                      + (f"{load['before']:.2f} → {load['after']:.2f} |" if load else "— |"))
     return "\n".join(lines)

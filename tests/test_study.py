@@ -247,6 +247,20 @@ def test_write_docs_rewrites_only_the_generated_blocks(tmp_path):
         study_report.replace_block("no markers here", "study-scales", "x")
 
 
+def test_the_runs_table_shows_where_each_stretch_of_a_continued_cell_ran():
+    env = {"cpu": "AMD EPYC", "cpu_count": 2, "torch_threads": 2}
+    whole = {**_cell("partial", "correct", 0, 0.9), "environment": env, "wall_seconds": 600, "train_seconds": 540,
+             "load_average": {"before": 0.1, "after": 2.0},
+             "segments": [{"first_step": 1, "last_step": 100, "train_seconds": 540, "device": "cpu", "cpu": "AMD EPYC"}]}
+    continued = {**whole, "key": "partial/bgr/seed0", "segments": [
+        {"first_step": 1, "last_step": 40, "train_seconds": 240, "device": "cpu", "cpu": "Intel(R) Xeon(R) Processor"},
+        {"first_step": 41, "last_step": 100, "train_seconds": 300, "device": "cuda", "cpu": "AMD EPYC", "gpu": "NVIDIA H100"}]}
+    rows = study_report.runs_markdown([whole, continued]).splitlines()[2:]
+    assert "stopped and continued" not in rows[0]
+    assert ("stopped and continued: steps 1-40 (4.0 min, Intel(R) Xeon(R) Processor), steps 41-100 (5.0 min, NVIDIA H100)"
+            in rows[1])
+
+
 def test_progress_note_counts_the_planned_cells():
     cells = study_results.read_cells(study_results.RESULTS_DIR)  # the 32-px run: seed 0 and 1 complete
     assert study_report.progress_note(cells) == ""
