@@ -355,14 +355,12 @@ def test_a_regime_without_a_validated_budget_is_refused(tmp_path, monkeypatch):
         study.run_study(_cfg(tmp_path, regimes=["full"]), log=lambda *_: None)
 
 
-def test_flip_tta_scores_the_mirror_image_through_the_frozen_prefix(tmp_path):
-    """The second view a TTA cell scores is each test image mirrored left-right (the width axis) before the frozen
-    prefix: computed here with an explicit flip; a flip of the height axis, or none, goes red."""
+def _tiny_cell_inputs(tmp_path):
+    """What ``study.run_cell`` takes, on the tiny generated dataset: config, data, seeded initial model, contracts."""
     from cifar_transfer import data as data_mod
     from cifar_transfer.backbones import get_backbone
     from cifar_transfer.contract import CORRECT_KEY, variant_contracts
     from cifar_transfer.model import CifarTransferModel
-    from cifar_transfer.training import split_frozen
 
     make_folder_dataset(tmp_path / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
     cfg = _cfg(tmp_path)
@@ -370,6 +368,16 @@ def test_flip_tta_scores_the_mirror_image_through_the_frozen_prefix(tmp_path):
     torch.manual_seed(0)
     initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size)
     contracts = variant_contracts(initial.contract, [CORRECT_KEY])
+    return cfg, ds, initial, contracts
+
+
+def test_flip_tta_scores_the_mirror_image_through_the_frozen_prefix(tmp_path):
+    """The second view a TTA cell scores is each test image mirrored left-right (the width axis) before the frozen
+    prefix: computed here with an explicit flip; a flip of the height axis, or none, goes red."""
+    from cifar_transfer.contract import CORRECT_KEY
+    from cifar_transfer.training import split_frozen
+
+    cfg, ds, initial, contracts = _tiny_cell_inputs(tmp_path)
     regime = dataclasses.replace(study_results.REGIMES["frozen"], tta_flip=True, batch_size=8)
     caches: dict = {}
     cell = study.run_cell(initial, CORRECT_KEY, contracts[CORRECT_KEY], regime, ds, cfg, 0, torch.device("cpu"),
@@ -414,17 +422,9 @@ def test_a_regime_with_its_own_input_size_reads_the_images_at_that_size(tmp_path
 
 def _resumable_cell(tmp_path):
     """A tiny full-fine-tune cell (dropout, momentum, batch-norm statistics, image batches) of 3 epochs x 4 steps."""
-    from cifar_transfer import data as data_mod
-    from cifar_transfer.backbones import get_backbone
-    from cifar_transfer.contract import CORRECT_KEY, variant_contracts
-    from cifar_transfer.model import CifarTransferModel
+    from cifar_transfer.contract import CORRECT_KEY
 
-    make_folder_dataset(tmp_path / "data", classes=pins.STUDY_CLASSES, n_train=pins.STUDY_N_TRAIN, n_test=pins.STUDY_N_TEST)
-    cfg = _cfg(tmp_path)
-    ds = data_mod.load_dataset(cfg.data_dir, download=False, contract=get_backbone(cfg.backbone).contract)
-    torch.manual_seed(0)
-    initial = CifarTransferModel.from_backbone(cfg.backbone, class_names=ds.classes, input_size=cfg.input_size)
-    contracts = variant_contracts(initial.contract, [CORRECT_KEY])
+    cfg, ds, initial, contracts = _tiny_cell_inputs(tmp_path)
     regime = dataclasses.replace(study_results.REGIMES["full"], epochs=6, batch_size=8, lr=0.05)  # 3 epochs at scale 0.5
 
     def run(state_dir=None, log=print):
