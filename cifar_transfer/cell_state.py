@@ -95,3 +95,20 @@ def segment(first_step: int, last_step: int, train_seconds: float, device: torch
     if device.type == "cuda":
         where["gpu"] = torch.cuda.get_device_name(device)
     return {"first_step": first_step, "last_step": last_step, "train_seconds": round(train_seconds, 1), **where}
+
+
+def describe(folder: Path) -> list[str]:
+    """One line per unfinished cell saved in ``folder``: which cell, how far it got (``study --summary`` prints them)."""
+    lines = []
+    for path in sorted(Path(folder).glob("*.pt")):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            identity, progress = state["identity"], state["progress"]
+            regime = identity["setup"]["regime"]
+            what = "validation" if identity["setup"].get("val_fraction") else "test"
+            lines.append(f"{identity['cell']} ({regime['epochs']:g} epochs, peak lr {regime['lr']:g}, scored on {what}): "
+                         f"step {progress['step']} of {identity['steps']}, {progress['train_seconds'] / 60:.1f} min of "
+                         f"training, saved {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(path.stat().st_mtime))}")
+        except Exception as e:  # noqa: BLE001: a listing never fails on one bad file
+            lines.append(f"{path.name}: unreadable ({type(e).__name__})")
+    return lines

@@ -60,7 +60,7 @@ from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORM
                             PENDING, RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
                             read_cells, regime_setup, regimes_for, round_sig, wilson)
-from .cell_state import FOLDER as STATE_FOLDER, CellState, segment
+from .cell_state import FOLDER as STATE_FOLDER, CellState, describe, segment
 from .training import lr_at, make_optimizer, run_steps, split_frozen, step_stream
 
 
@@ -559,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
             if not cells:
                 raise StudyError(f"no study results at {Path(cfg.output) / CELLS_NAME}; run `{COMMAND}` to produce them")
             print(summary_markdown(cells))
+            for folder in (Path(cfg.output) / STATE_FOLDER, Path(cfg.output) / "budgets" / STATE_FOLDER):
+                for line in describe(folder):  # on stderr: the markdown on stdout stays the cells' alone
+                    print(f"in progress: {line}", file=sys.stderr)
             if cfg.write_docs:  # the docs' blocks and the app tab's plots, from the cells recorded so far
                 write_docs(Path(cfg.write_docs))
                 write_plots(cells, Path(cfg.output))

@@ -459,6 +459,8 @@ def test_a_stopped_cell_continues_from_its_last_saved_step_with_the_same_numbers
     with pytest.raises(KeyboardInterrupt):
         run(state_dir)
     saved, = state_dir.glob("full-correct-seed0-*.pt")
+    where, = cell_state.describe(state_dir)
+    assert where.startswith("full/correct/seed0 (6 epochs, peak lr 0.05, scored on test): step 6 of 12, ")
     logs: list[str] = []
     resumed = run(state_dir, log=logs.append)
     assert any("continuing after step 6" in line for line in logs)
