@@ -2,7 +2,7 @@
 
     python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg --output results/study-128px   # seed 0, resumable
     python -m cifar_transfer.study --data-dir ../shared/datasets/cifar10-jpeg --estimate   # time a few steps, project the total
-    python -m cifar_transfer.study --summary                                               # tables and verdicts, markdown
+    python -m cifar_transfer.study --summary       # tables and verdicts, markdown; cells in progress on stderr
 
 For the correct contract and every wrong variant, a pretrained backbone is fine-tuned on the whole training set
 *with that preprocessing* and scored on the whole test set with the same preprocessing, in three regimes (same
@@ -512,7 +512,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.add_argument("--estimate", action="store_true", help="time a few steps per regime here and print the projected total")
     p.add_argument("--summary", action="store_true",
-                   help="only print the tables and verdicts of --output (default: the recorded run at --input-size)")
+                   help="only print the tables and verdicts of --output (default: the recorded run at --input-size), "
+                        "and on stderr the cells stopped part-way there (and in its budgets/ folder)")
     p.add_argument("--write-docs", metavar="FILE",
                    help="with --summary: rewrite the generated blocks of FILE (docs/study.md) from the recorded cells "
                         "of both sizes (a test checks the docs equal them)")
