@@ -13,6 +13,7 @@ sees exactly the batches it would have seen, and gives the same numbers as one r
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write_bytes
 from .runtime import cpu_name
 
 # Wall seconds between two saves. A stopped cell loses at most this much training; a save of the 128-px partial
@@ -70,17 +72,13 @@ class CellState:
 
     def save(self, model: nn.Module, opt: torch.optim.Optimizer, progress: dict) -> None:
         """Write the state atomically (a stop during the write leaves the previous save whole)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         state = {"identity": self.identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
                  "rng": torch.get_rng_state(), "progress": progress}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(self.path, buf.getvalue())
         self.last_save = time.perf_counter()
 
     def finish(self) -> None:
