@@ -240,8 +240,9 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
     loss_fn = nn.CrossEntropyLoss(label_smoothing=regime.label_smoothing)
     evals = sorted({max(1, round(steps * (i + 1) / CURVE_EVALS)) for i in range(CURVE_EVALS)})
     stopped: list[int] = []
-    state = CellState(state_dir, f"{regime.key}/{key}/seed{seed}",
-                      {"cell": f"{regime.key}/{key}/seed{seed}", "setup": cfg.setup(regime),
+    cell = f"{regime.key}/{key}/seed{seed}"  # its key in cells.jsonl, its saved progress and its progress bar
+    state = CellState(state_dir, cell,
+                      {"cell": cell, "setup": cfg.setup(regime),
                        "contract": contract.to_dict(), "steps": steps, "train_images": len(ds.train),
                        "test_images": len(ds.test)}, log=log)
     before = state.load(model, opt) or {
@@ -278,7 +279,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         return False
 
     bar = tqdm(step_stream(batches, steps, skip=first - 1), total=steps, initial=first - 1,
-               desc=f"{regime.key}/{key}/seed{seed}", disable=not cfg.progress, mininterval=5.0, dynamic_ncols=True,
+               desc=cell, disable=not cfg.progress, mininterval=5.0, dynamic_ncols=True,
                leave=False)
     # the forward is the trainable stages alone: on cached features, or (nothing frozen) on the images
     run_steps(body, bar, opt, loss_fn, lambda step: lr_at((step - 1) / steps, regime.lr, WARMUP), start=first,
@@ -297,7 +298,7 @@ def run_cell(initial: nn.Module, key: str, contract: NormalizationContract, regi
         test = {"accuracy": None, "ci95": None, "n": len(test_y), "max_class_share": None}
     end = probe(model, transform(test_x[probe_idx].to(device)))
     record = {
-        "format": FORMAT, "key": f"{regime.key}/{key}/seed{seed}", "regime": regime.key, "variant": key, "seed": seed,
+        "format": FORMAT, "key": cell, "regime": regime.key, "variant": key, "seed": seed,
         "title": variant_title(key), "contract": contract.to_dict(), "setup": cfg.setup(regime),
         "steps": steps, "steps_done": len(losses), "batch_size": regime.batch_size,
         "test": test, "curve": curve,
