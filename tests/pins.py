@@ -24,10 +24,14 @@ import torch
 from safetensors.torch import load_file
 
 PINS = Path(__file__).with_name("pins.json")  # written on an "Intel(R) Xeon(R) Processor" from the loops of c3cb639
-# Float kernels differ between CPU families (AVX-512/AMX on the Xeon, AVX2 on the AMD EPYC): on tiny runs a logit moves
-# in its 4th digit and an accuracy over 3 images flips. Each CPU family the project runs on has its own file, written
-# there by this script; pins.json itself proved the shared engine equal to the separate loops.
-PINS_BY_CPU = {"Intel(R) Xeon(R) Processor": PINS, "AMD EPYC": Path(__file__).with_name("pins-amd-epyc.json")}
+# Float kernels differ between CPUs: on tiny runs a logit moves in its 4th digit and an accuracy over 3 images flips.
+# The name alone does not say which kernels run: "AMD EPYC" has been an AVX2 chip and, on 2026-12-07, an AVX-512 one
+# (family 25 model 17), each with its own floats. So a file is chosen by the name and by the instruction set torch
+# dispatches to (torch.backends.cpu.get_cpu_capability(); None: any). Each was written there by this script;
+# pins.json itself proved the shared engine equal to the separate loops.
+PINS_BY_CPU = {("Intel(R) Xeon(R) Processor", None): PINS,
+               ("AMD EPYC", "AVX2"): Path(__file__).with_name("pins-amd-epyc.json"),
+               ("AMD EPYC", "AVX512"): Path(__file__).with_name("pins-amd-epyc-avx512.json")}
 REL = 1e-4  # relative tolerance of pinned floats; a learning rate x0.5 moves them by far more
 
 # -- the setups (the tests use these very values) ----------------------------------------------------------------
@@ -132,16 +136,27 @@ def assert_matches(got, want, where: str = "") -> None:
         assert got == want, f"{where}: {got!r} != {want!r}"
 
 
-def pins_file() -> Path:
-    """The pins of the CPU family running the tests; one line saying how to write them where there are none."""
+def cpu_kernels() -> tuple[str, str]:
+    """The CPU's name and the instruction set torch's kernels use on it (``"AVX2"``, ``"AVX512"``, ...)."""
     from cifar_transfer.runtime import cpu_name
 
-    cpu = cpu_name()
-    for family, path in PINS_BY_CPU.items():
-        if cpu.startswith(family) and path.exists():
-            return path
-    raise AssertionError(f"no pinned numbers for this CPU ({cpu!r}); write them with `python -m tests.pins` from a "
-                         f"commit whose numbers are known good and add the file to PINS_BY_CPU")
+    return cpu_name(), torch.backends.cpu.get_cpu_capability()
+
+
+def pins_path(cpu: str, capability: str) -> Path | None:
+    """The file named in :data:`PINS_BY_CPU` for this CPU name and instruction set, or None."""
+    return next((p for (family, isa), p in PINS_BY_CPU.items()
+                 if cpu.startswith(family) and isa in (None, capability)), None)
+
+
+def pins_file() -> Path:
+    """The pins of the CPU running the tests; one line saying how to write them where there are none."""
+    cpu, capability = cpu_kernels()
+    path = pins_path(cpu, capability)
+    if path is not None and path.exists():
+        return path
+    raise AssertionError(f"no pinned numbers for this CPU ({cpu!r}, {capability}); write them with `python -m tests.pins` "
+                         f"from a commit whose numbers are known good and add the file to PINS_BY_CPU")
 
 
 def pinned() -> dict:
@@ -151,13 +166,11 @@ def pinned() -> dict:
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        from cifar_transfer.runtime import cpu_name
-
-        cpu = cpu_name()
-        target = next((p for family, p in PINS_BY_CPU.items() if cpu.startswith(family)), None)
+        cpu, capability = cpu_kernels()
+        target = pins_path(cpu, capability)
         if target is None:
-            raise SystemExit(f"no pins file is named for this CPU ({cpu!r}): add it to PINS_BY_CPU first")
-        pins = {"written_by": "python -m tests.pins", "platform": platform_id(), "cpu": cpu,
+            raise SystemExit(f"no pins file is named for this CPU ({cpu!r}, {capability}): add it to PINS_BY_CPU first")
+        pins = {"written_by": "python -m tests.pins", "platform": platform_id(), "cpu": cpu, "cpu_capability": capability,
                 "train": {name: run_train(root, name) for name in TRAIN_RUNS},
                 "study": measure_study(run_study(root / "study")),
                 "experiment": measure_experiment(run_experiment(root / "experiment"))}
