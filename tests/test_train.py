@@ -388,6 +388,17 @@ def test_a_tiny_run_gives_the_pinned_numbers(name, tmp_path):
         assert sha[0] == sha[1], "same platform, same weights bit for bit"
 
 
+def test_the_pins_file_is_chosen_by_cpu_name_and_instruction_set():
+    """Two chips both called "AMD EPYC" run different float kernels (AVX2, AVX-512); each reads its own file, a chip
+    whose instruction set no file was written on reads none (and pins_file() says how to write one)."""
+    assert pins.pins_path("AMD EPYC 7B13", "AVX2").name == "pins-amd-epyc.json"
+    assert pins.pins_path("AMD EPYC 9B14", "AVX512").name == "pins-amd-epyc-avx512.json"
+    assert pins.pins_path("AMD EPYC 9B14", "DEFAULT") is None
+    assert pins.pins_path("Intel(R) Xeon(R) Processor", "AVX512") == pins.PINS
+    assert pins.pins_path("Apple M2", "DEFAULT") is None
+    assert all(path.exists() for path in pins.PINS_BY_CPU.values())
+
+
 def test_cached_feature_tta_averages_each_feature_map_with_its_horizontal_mirror():
     """The per-epoch score on cached features with --tta-flip: the mirror is the width axis of (N, C, H, W)
     feature maps, as for images; the labels here are what that TTA predicts, which a flip of the height axis
