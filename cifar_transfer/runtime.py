@@ -43,6 +43,9 @@ def environment_info(device: torch.device | None = None) -> dict:
         "device": str(device) if device is not None else "cpu",
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        # the vector instructions torch's CPU kernels dispatch to ("AVX2", "AVX512", ...): one CPU name has come
+        # with either, and each gives its own float rounding (tests/pins.py)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else None,
         "platform": platform.platform(),

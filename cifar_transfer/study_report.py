@@ -335,7 +335,9 @@ def runs_markdown(cells: list[dict]) -> str:
     lines = ["| cell | device | wall (min) | training (min) | load average before → after |", "|---|---|---:|---:|---|"]
     for c in cells:
         env, load = c.get("environment", {}), c.get("load_average")
-        device = env.get("gpu") or f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, {env.get('torch_threads', '?')} threads)"
+        isa = f", {env['cpu_capability']}" if env.get("cpu_capability") else ""  # recorded since 2026-12-07
+        device = env.get("gpu") or (f"{env.get('cpu', '?')} ({env.get('cpu_count', '?')} cores, "
+                                    f"{env.get('torch_threads', '?')} threads{isa})")
         if len(c.get("segments", [])) > 1:
             device += "; stopped and continued: " + ", ".join(
                 f"steps {s['first_step']}-{s['last_step']} ({s['train_seconds'] / 60:.1f} min, {s.get('gpu') or s['cpu']})"

@@ -255,8 +255,11 @@ def test_the_runs_table_shows_where_each_stretch_of_a_continued_cell_ran():
     continued = {**whole, "key": "partial/bgr/seed0", "segments": [
         {"first_step": 1, "last_step": 40, "train_seconds": 240, "device": "cpu", "cpu": "Intel(R) Xeon(R) Processor"},
         {"first_step": 41, "last_step": 100, "train_seconds": 300, "device": "cuda", "cpu": "AMD EPYC", "gpu": "NVIDIA H100"}]}
-    rows = study_report.runs_markdown([whole, continued]).splitlines()[2:]
+    avx = {**whole, "key": "partial/cifar10_stats/seed0", "environment": {**env, "cpu_capability": "AVX512"}}
+    rows = study_report.runs_markdown([whole, continued, avx]).splitlines()[2:]
     assert "stopped and continued" not in rows[0]
+    assert "| AMD EPYC (2 cores, 2 threads) |" in rows[0]  # recorded before the instruction set was kept
+    assert "| AMD EPYC (2 cores, 2 threads, AVX512) |" in rows[2]
     assert ("stopped and continued: steps 1-40 (4.0 min, Intel(R) Xeon(R) Processor), steps 41-100 (5.0 min, NVIDIA H100)"
             in rows[1])
 

@@ -55,6 +55,7 @@ def test_short_training_on_shared_cifar10_subset_learns(shared_data, tmp_path):
                                         "cifar10_stats", "bgr", "normalized_twice"}
     assert metrics["command"].startswith("python -m cifar_transfer.train --backbone efficientnet_lite0")
     assert metrics["environment"]["torch"] == torch.__version__
+    assert metrics["environment"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert metrics["train_config"]["epochs"] == 3
 
     # the evaluation CLI reproduces the accuracy written at the end of training
