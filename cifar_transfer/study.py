@@ -55,7 +55,8 @@ from .meter import LayerProbe
 from .model import CifarTransferModel
 from .runtime import environment_info
 from .checkpoint import atomic_write_text
-from .study_report import docs_block, pct, regimes_markdown, replace_block, scale_comparison, summary_markdown, write_plots
+from .study_report import (docs_block, pct, readme_table, regimes_markdown, replace_block, scale_comparison,
+                           summary_markdown, write_plots)
 from .study_results import (CELLS_NAME, COMMAND, CURVE_EVALS, CURVE_SUBSET, FORMAT, PROBE_IMAGES, REGIMES, REGIMES_128,
                             PENDING, RESULTS_DIR_128, SCALE_DIRS,
                             WARMUP, Regime, StudyError, append_cell, binned, grad_stats, has_collapsed, has_diverged,
@@ -86,6 +87,7 @@ class StudyConfig:
     progress: bool = True
     command: str = ""
     write_docs: str | None = None  # with --summary: the docs file whose generated blocks are rewritten
+    write_readme: str | None = None  # with --summary: the README whose study table block is rewritten
 
     def setup(self, regime: Regime) -> dict:
         """What must be equal for cells of one regime to be comparable (a resumed run checks it)."""
@@ -518,6 +520,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-docs", metavar="FILE",
                    help="with --summary: rewrite the generated blocks of FILE (docs/study.md) from the recorded cells "
                         "of both sizes (a test checks the docs equal them)")
+    p.add_argument("--write-readme", metavar="FILE",
+                   help="with --summary: rewrite the 128-px table block of FILE (README.md) from the recorded cells "
+                        "(a test checks the README equals them)")
     return p
 
 
@@ -526,8 +531,9 @@ def config_from_args(argv: list[str] | None = None) -> tuple[StudyConfig, str | 
     args = vars(p.parse_args(argv))
     summary, estimate_only = args.pop("summary"), args.pop("estimate")  # both popped: neither is a StudyConfig field
     mode = "summary" if summary else "estimate" if estimate_only else None
-    if args["write_docs"] and mode != "summary":
-        p.error("--write-docs goes with --summary")
+    for flag in ("write_docs", "write_readme"):
+        if args[flag] and mode != "summary":
+            p.error(f"--{flag.replace('_', '-')} goes with --summary")
     if args["output"] is None:
         args["output"] = str(SCALE_DIRS.get(args["input_size"], RESULTS_DIR_128)) if mode == "summary" else str(
             Path("runs") / time.strftime("study-%Y%m%d-%H%M%S", time.gmtime()))
@@ -553,6 +559,12 @@ def write_docs(path: Path) -> None:
     atomic_write_text(path, text)
 
 
+def write_readme(path: Path) -> None:
+    """Rewrite the README's ``study-128px-table`` block: the compact table of the 128-px cells, as docs/study.md has it."""
+    text = replace_block(path.read_text(encoding="utf-8"), "study-128px-table", readme_table(read_cells(RESULTS_DIR_128)))
+    atomic_write_text(path, text)
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg, mode = config_from_args(argv)
     try:
@@ -567,6 +579,8 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.write_docs:  # the docs' blocks and the app tab's plots, from the cells recorded so far
                 write_docs(Path(cfg.write_docs))
                 write_plots(cells, Path(cfg.output))
+            if cfg.write_readme:
+                write_readme(Path(cfg.write_readme))
             return
         if mode == "estimate":
             estimate(cfg)

@@ -233,6 +233,29 @@ def test_docs_carry_the_budgets_the_code_runs_and_the_comparison_of_the_scales()
         assert study_report.replace_block(docs, "study-scales", comparison) == docs
 
 
+README = study_results.RESULTS_DIR.parents[1] / "README.md"
+
+
+def test_readme_carries_the_table_of_the_recorded_128px_cells():
+    """The README's study table is the one the 128-px cells produce (regenerate with ``python -m
+    cifar_transfer.study --summary --write-readme README.md``)."""
+    readme = README.read_text(encoding="utf-8")
+    table = study_report.readme_table(study_results.read_cells(study_results.RESULTS_DIR_128))
+    assert study_report.replace_block(readme, "study-128px-table", table) == readme
+
+
+def test_write_readme_rewrites_only_its_block(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# title\n<!-- begin: study-128px-table -->\nold\n<!-- end: study-128px-table -->\nrest\n",
+                      encoding="utf-8")
+    study.write_readme(readme)
+    text = readme.read_text(encoding="utf-8")
+    assert text.startswith("# title\n") and text.endswith("rest\n") and "\nold\n" not in text
+    assert "| Correct (the model's contract) |" in text
+    with pytest.raises(SystemExit):
+        study.config_from_args(["--write-readme", "README.md"])  # only with --summary
+
+
 def test_write_docs_rewrites_only_the_generated_blocks(tmp_path):
     doc = tmp_path / "study.md"
     doc.write_text("intro\n<!-- begin: study-128px-setup -->\nold\n<!-- end: study-128px-setup -->\n"
